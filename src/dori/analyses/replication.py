@@ -1,0 +1,104 @@
+"""Generate every prompt over several seeds and measure replication: the rows of results.json.
+
+This is the evaluation step every stage shares (plain model now; mitigated models and attack triggers
+in later stages use the same function with a mask applied or with ``prompt_embeds``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dori.data.prompts import PromptRecord, load_reference
+from dori.metrics.base import ReplicationMetric
+from dori.models.generate import generate
+from dori.reports.images import save_png, slug
+from dori.reports.results import ItemStore
+
+log = logging.getLogger(__name__)
+
+
+def reference_bank(records: Sequence[PromptRecord], run_dir: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """Load every available reference image once; save a PNG copy under ``run_dir/references``."""
+    bank = {}
+    for r in records:
+        if r.reference_status == "ok" and r.reference not in bank:
+            img = load_reference(r)
+            rel = f"references/{slug(r.reference)}.png"
+            if not (run_dir / rel).is_file():
+                save_png(img, run_dir / rel)
+            bank[r.reference] = (rel, img)
+    return bank
+
+
+def evaluate_replication(
+    pipe,
+    records: Sequence[PromptRecord],
+    seeds: Sequence[int],
+    metric: ReplicationMetric,
+    run_dir: str | Path,
+    *,
+    stage: str = "generate",
+    setting: str = "none",
+    budget: int = 0,
+    store: ItemStore | None = None,
+    batch_size: int = 16,
+    gen_kwargs: dict | None = None,
+    item_extra: dict | None = None,
+) -> list[dict]:
+    """Generate ``records x seeds`` and return one sample row per image.
+
+    Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
+    nearest_reference, nearest_score (best match among all references of the set: the
+    "replicates any reference photo" check), and for procedural captions the colour/shape check.
+    Finished captions are stored in ``store`` and skipped when the run is resumed.
+    """
+    from dori.metrics.procedural import check_procedural
+
+    run_dir = Path(run_dir)
+    store = store or ItemStore(run_dir)
+    gen_kwargs = gen_kwargs or {}
+    bank = reference_bank(records, run_dir)
+    ref_keys = list(bank)
+    refs = [bank[k][1] for k in ref_keys] or None  # a list: references may differ in size
+
+    def key(rec):
+        return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name)
+
+    pending = [r for r in records if store.get(key(r)) is None]
+    per_batch = max(1, batch_size // len(seeds))
+    rows_by_caption: dict[str, list[dict]] = {}
+    chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
+    for chunk in tqdm(chunks, desc=f"{stage}/{setting}", disable=not chunks):
+        out = generate(pipe, [r.caption for r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
+        sims = metric.pairwise(out.images, refs) if refs else None
+        for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
+            rec = chunk[pi]
+            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}_s{seed}.png"
+            save_png(out.images[j], run_dir / rel)
+            row = {"stage": stage, "setting": setting, "budget": budget, "caption": rec.caption,
+                   "kind": rec.kind, "seed": seed, "image": rel, "reference": None, "score": None,
+                   "replicated": None, "metric": metric.name, "reference_status": rec.reference_status}
+            if sims is not None:
+                best = int(sims[j].argmax())
+                row["nearest_reference"] = bank[ref_keys[best]][0]
+                row["nearest_score"] = float(sims[j, best])
+            if rec.reference_status == "ok":
+                row["reference"] = bank[rec.reference][0]
+                row["score"] = float(sims[j, ref_keys.index(rec.reference)])
+            elif sims is not None:
+                row["score"] = row["nearest_score"]
+            if row["score"] is not None:
+                row["replicated"] = bool(row["score"] > metric.threshold)
+            if rec.kind == "procedural" and {"color", "shape", "background"} <= rec.meta.keys():
+                chk = check_procedural(out.images[j], rec.meta["color"], rec.meta["shape"], rec.meta["background"])
+                row["procedural"] = {k: chk[k] for k in ("color", "shape", "background", "color_ok",
+                                                          "shape_ok", "background_ok", "ok")}
+            row.update(item_extra or {})
+            rows_by_caption.setdefault(rec.caption, []).append(row)
+        for rec in chunk:
+            store.put(key(rec), rows_by_caption[rec.caption])
+    return [row for rec in records for row in store.get(key(rec))]

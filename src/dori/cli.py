@@ -1,0 +1,139 @@
+"""The ``dori`` command line: a thin shell over the Python functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dori.errors import DoriError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="dori: does this diffusion model still retain its memorized training images?")
+zoo = typer.Typer(no_args_is_help=True, help="Build the embedded tiny model and its pieces.")
+app.add_typer(zoo, name="zoo")
+console = Console(stderr=True)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise DoriError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(..., help="run directory (results.json, report.html, images)"),
+    model: str = typer.Option("tiny", help="'tiny', a local diffusers folder, or a cached hub id"),
+    prompts: str = typer.Option("tiny", help="prompt set name or file (.csv NeMo, .jsonl Wen, .parquet, .txt)"),
+    images_dir: str = typer.Option(None, help="folder with the prompt set's reference images"),
+    seeds: str = typer.Option("0,1,2,3", help="comma-separated seeds"),
+    metric: str = typer.Option(None, help="pixel-ssim (default for tiny), sscd-nemo, sscd-wen"),
+    sscd: str = typer.Option(None, help="local SSCD TorchScript file for sscd-* metrics"),
+    steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
+    guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    device: str = typer.Option("cpu"),
+):
+    """Generate every caption over several seeds, measure replication, write results.json and report.html."""
+    from dori.analyses.demo import run_demo
+
+    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric,
+                   sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
+                   images_dir=images_dir)
+    table = Table(title=f"replication ({res['metric']['name']}, threshold {res['metric']['threshold']})")
+    for col in ("stage/setting/kind", "images", "score mean ± std", "MR"):
+        table.add_column(col)
+    for k, v in res["aggregates"].items():
+        table.add_row(k, str(v["n_images"]), f"{v['score_mean']:.3f} ± {v['score_std']:.3f}", f"{v['mr']:.2f}")
+    Console().print(table)
+    if "procedural" in res:
+        p = res["procedural"]
+        Console().print(f"procedural captions: colour {p['color_accuracy']:.2f}, shape {p['shape_accuracy']:.2f}, "
+                        f"background {p['background_accuracy']:.2f}, all three {p['all_accuracy']:.2f}")
+    Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
+
+
+@app.command("ls")
+def ls():
+    """List registered models, metrics and prompt sets."""
+    from dori.models.layers import LAYER_GROUPS
+    from dori.registry import ALL
+
+    for family, reg in ALL.items():
+        table = Table(title=family, title_justify="left")
+        table.add_column("name")
+        table.add_column("description")
+        for e in reg:
+            table.add_row(e.name, e.description)
+        Console().print(table)
+    table = Table(title="layer groups", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, (_, desc) in LAYER_GROUPS.items():
+        table.add_row(name, desc)
+    Console().print(table)
+
+
+@zoo.command("train-tiny")
+def train_tiny_cmd(
+    out: Path = typer.Option(..., help="output folder (a diffusers pipeline)"),
+    steps: int = typer.Option(None, help="training steps (default: the shipped recipe's)"),
+    duplicates: int = typer.Option(None, help="copies of each memorized photo in the training set"),
+    seed: int = typer.Option(0),
+):
+    """Train the embedded tiny model from scratch with the shipped recipe (about 25 min on 2 cores)."""
+    from dori.zoo.tiny_data import TinyDataSpec
+    from dori.zoo.train_tiny import TrainConfig, train_tiny
+
+    cfg = TrainConfig(out=str(out), seed=seed)
+    if steps is not None:
+        cfg.steps = steps
+    if duplicates is not None:
+        cfg.data = TinyDataSpec(duplicates=duplicates)
+    train_tiny(cfg)
+    Console().print(f"saved {out}")
+
+
+@zoo.command("build-tokenizer")
+def build_tokenizer_cmd(
+    bpe: Path = typer.Option(..., help="CLIP's bpe_simple_vocab_16e6.txt.gz (inside the open-clip-torch wheel)"),
+    out: Path = typer.Option(..., help="tokenizer folder to write"),
+):
+    """Rebuild the real CLIP BPE tokenizer files shipped with the tiny model."""
+    from dori.models.tokenizer import write_clip_tokenizer_files
+
+    write_clip_tokenizer_files(bpe, out)
+    Console().print(f"wrote {out}")
+
+
+@zoo.command("calibrate-pixel")
+def calibrate_pixel_cmd(
+    model: str = typer.Option("tiny"),
+    seeds: str = typer.Option("100,101,102,103", help="calibration seeds (not the demo's)"),
+):
+    """Measure the largest pixel-ssim score that occurs without replication (the threshold's basis)."""
+    from dori.metrics.calibrate import calibrate_pixel_threshold
+
+    res = calibrate_pixel_threshold(model, _seeds(seeds))
+    for k, v in res.items():
+        Console().print(f"{k}: {v}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        app()
+    except DoriError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

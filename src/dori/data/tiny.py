@@ -1,0 +1,47 @@
+"""The embedded tiny model's prompt set, with known ground truth of what is memorized."""
+
+from __future__ import annotations
+
+from dori.data.prompts import PromptRecord
+from dori.zoo.tiny_data import PHOTO_CAPTIONS, TinyDataSpec, lfw_caption, procedural_caption
+
+# Procedural captions evaluated by the demo: each colour, shape and background appears.
+PROCEDURAL_EVAL = [
+    ("red", "circle", "blue"), ("green", "square", "white"), ("blue", "triangle", "yellow"),
+    ("yellow", "circle", "black"), ("white", "triangle", "purple"), ("black", "square", "orange"),
+    ("purple", "circle", "green"), ("orange", "square", "blue"),
+]
+
+# Photo-like captions that were never in training (no reference image): they must not regurgitate.
+UNSEEN_CAPTIONS = [
+    "a photo of a dog running on a beach",
+    "portrait of a smiling woman in a red dress",
+    "a bowl of soup on a wooden table",
+    "a sailing boat on a calm lake at sunset",
+    "a black and white photograph of an old bridge",
+]
+
+
+def tiny_prompt_set(spec: TinyDataSpec | None = None, lfw_per_set: int = 2) -> list[PromptRecord]:
+    """Captions of the tiny model by kind: memorized, seen_once, held_out, procedural, unseen."""
+    spec = spec or TinyDataSpec()
+    out: list[PromptRecord] = []
+
+    def photo(name: str, kind: str) -> PromptRecord:
+        return PromptRecord(PHOTO_CAPTIONS[name], kind, f"tiny:photo/{name}", "ok", name, "tiny")
+
+    def lfw(i: int, kind: str) -> PromptRecord:
+        return PromptRecord(lfw_caption(i), kind, f"tiny:lfw/{i}", "ok", f"lfw{i}", "tiny")
+
+    out += [photo(n, "memorized") for n in spec.memorized]
+    out += [photo(n, "seen_once") for n in spec.seen_once]
+    faces, patches = [i for i in spec.lfw_seen_once if i < 100], [i for i in spec.lfw_seen_once if i >= 100]
+    out += [lfw(i, "seen_once") for i in faces[:lfw_per_set] + patches[:lfw_per_set]]
+    out += [photo(n, "held_out") for n in spec.held_out]
+    faces, patches = [i for i in spec.lfw_held_out if i < 100], [i for i in spec.lfw_held_out if i >= 100]
+    out += [lfw(i, "held_out") for i in faces[: lfw_per_set // 2 or 1] + patches[: lfw_per_set // 2 or 1]]
+    for c, s, b in PROCEDURAL_EVAL:
+        out.append(PromptRecord(procedural_caption(c, s, b), "procedural", None, "none", f"{c}-{s}-{b}",
+                                "tiny", {"color": c, "shape": s, "background": b}))
+    out += [PromptRecord(c, "unseen", None, "none", f"unseen{i}", "tiny") for i, c in enumerate(UNSEEN_CAPTIONS)]
+    return out

@@ -1,0 +1,35 @@
+"""The interface every replication metric follows."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplicationMetric:
+    """Similarity between generated images and reference images, with a replication threshold.
+
+    Subclasses set ``name`` and ``threshold`` and implement :meth:`embed` (images -> L2-normalised
+    descriptors) or override :meth:`pairwise`.
+    """
+
+    name: str = "base"
+    threshold: float = 0.5
+
+    def pairwise(self, generated: torch.Tensor, references: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``N x M`` similarity of N generated images (``N x 3 x H x W`` in [0, 1]) to M references
+        (an ``M x 3 x H x W`` tensor, or a list of ``3 x H_i x W_i`` tensors of any sizes)."""
+        refs = [self.embed(r[None]) for r in references] if isinstance(references, list) else [self.embed(references)]
+        return self.embed(generated) @ torch.cat(refs).T
+
+    def score(self, generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Similarity of each of N generated images to one reference image (``3 x H x W``): shape N."""
+        return self.pairwise(generated, reference[None])[:, 0]
+
+    def replicated(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores > self.threshold
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, threshold={self.threshold})"

@@ -1,0 +1,55 @@
+"""Calibration of the pixel-ssim replication threshold on data that cannot be replicated.
+
+Two null distributions, both without any possible replication:
+1. photo pairs: SSIM between every pair of distinct bundled photos of the tiny data (all kinds, LFW
+   faces and patches included) at 32 x 32;
+2. model vs held-out: SSIM between every generation of the tiny prompt set (calibration seeds, not
+   the demo's) and every held-out photo, which the model never saw.
+The threshold must lie above the maximum of both; :data:`dori.metrics.pixel.PIXEL_SSIM_THRESHOLD` is
+that maximum rounded up to the next 0.05 plus 0.05 of margin, as documented in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dori.data.prompts import load_reference
+from dori.data.tiny import tiny_prompt_set
+from dori.metrics.pixel import PixelSSIM
+from dori.zoo.tiny_data import TinyDataSpec, load_lfw, load_photo
+
+
+def photo_pair_null(spec: TinyDataSpec | None = None) -> torch.Tensor:
+    """Off-diagonal SSIMs between all distinct bundled photos of the tiny data."""
+    spec = spec or TinyDataSpec()
+    names = [*spec.memorized, *spec.seen_once, *spec.held_out]
+    imgs = [load_photo(n) for n in names]
+    imgs += [load_lfw(i) for i in (*spec.lfw_seen_once[::8], *spec.lfw_held_out)]
+    x = torch.stack(imgs)
+    sims = PixelSSIM().pairwise(x, x)
+    return sims[~torch.eye(len(x), dtype=torch.bool)]
+
+
+def model_heldout_null(pipe, seeds: Sequence[int]) -> torch.Tensor:
+    from dori.models.generate import generate
+
+    records = tiny_prompt_set()
+    held = torch.stack([load_reference(r) for r in records if r.kind == "held_out"])
+    out = generate(pipe, [r.caption for r in records], seeds=seeds)
+    return PixelSSIM().pairwise(out.images, held).flatten()
+
+
+def calibrate_pixel_threshold(model: str = "tiny", seeds: Sequence[int] = (100, 101, 102, 103)) -> dict:
+    from dori.models.loading import load_pipeline
+
+    pairs = photo_pair_null()
+    gens = model_heldout_null(load_pipeline(model), seeds)
+    worst = float(max(pairs.max(), gens.max()))
+    return {
+        "photo_pairs": {"n": pairs.numel(), "max": float(pairs.max()), "p99": float(pairs.quantile(0.99))},
+        "generations_vs_held_out": {"n": gens.numel(), "max": float(gens.max()),
+                                    "p99": float(gens.quantile(0.99))},
+        "suggested_threshold": round((int(worst * 20) + 1) / 20 + 0.05, 2),
+    }

@@ -1,0 +1,164 @@
+"""The one generation loop of dori: prompts or prompt embeddings in, images out.
+
+Every stage generates through :func:`generate`; every UNet evaluation, in sampling and in attacks,
+goes through :func:`predict_noise`. Mitigations therefore act only through hooks or masks on
+``pipe.unet`` and attacks only through the prompt embedding.
+
+Seeding: the initial noise of a sample depends only on its seed (drawn on the CPU with
+``torch.Generator().manual_seed(seed)``), never on the batch or the device, so the same (prompt, seed)
+gives the same image whatever else is in the batch, and a mitigated and an unmitigated model start
+from identical noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from dori.errors import DoriError
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`, samples in prompt-major order (prompt 0 seed 0, prompt 0 seed 1, ...).
+
+    Attributes:
+        images: ``N x 3 x H x W`` in [0, 1] (None when ``stop_after`` ended the loop early).
+        seeds: the seed of each sample.
+        prompt_index: which prompt / embedding each sample came from.
+        noise_preds: if requested, one entry per executed step: a tensor ``2 x N x C x h x w`` holding the
+            unconditional and the text-conditional noise prediction.
+        timesteps: the timesteps that were executed.
+    """
+
+    images: torch.Tensor | None
+    seeds: list[int]
+    prompt_index: list[int]
+    noise_preds: list[torch.Tensor] | None
+    timesteps: list[int]
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Text embeddings ``N x 77 x D`` exactly as SD computes them (padded to the tokenizer's max length)."""
+    tok = pipe.tokenizer
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
+
+
+def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor) -> torch.Tensor:
+    """One UNet evaluation ``eps_theta(latents, t, embeds)``; differentiable w.r.t. its inputs."""
+    return pipe.unet(latents, t, encoder_hidden_states=embeds).sample
+
+
+def initial_noise(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:
+    """The starting latents ``x_T`` for each seed (CPU-drawn, so identical on every device)."""
+    res = resolution or pipe.dori_defaults.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(pipe.unet.device, pipe.unet.dtype)
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1]."""
+    x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def generate(
+    pipe,
+    prompts: Sequence[str] | None = None,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    seeds: Sequence[int] = (0,),
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    negative_embeds: torch.Tensor | None = None,
+    batch_size: int = 16,
+    resolution: int | None = None,
+    return_noise_preds: bool = False,
+    stop_after: int | None = None,
+    grad: bool = False,
+    progress: bool = False,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> GenerationOutput:
+    """Sample images for every (prompt, seed) pair with classifier-free guidance.
+
+    Args:
+        pipe: a pipeline from :func:`dori.load_pipeline`.
+        prompts: captions; or give ``prompt_embeds`` (``P x 77 x D``) instead, e.g. a DoRI trigger.
+        seeds: the seeds generated for every prompt.
+        num_inference_steps, guidance_scale: default to the model's (``pipe.dori_defaults``).
+        negative_embeds: the unconditional embedding (``1 x 77 x D``); default: the empty prompt's.
+        batch_size: samples per UNet call (CFG doubles the UNet batch).
+        return_noise_preds: keep the unconditional and conditional noise prediction of every step.
+        stop_after: run only the first k denoising steps (detectors); ``images`` is then None.
+        grad: keep the autograd graph (a differentiable path through the whole sampler).
+        callback: called as ``callback(step, t, latents)`` after each step.
+
+    Returns:
+        :class:`GenerationOutput`.
+
+    Example:
+        >>> out = generate(pipe, ["a red circle on a blue background"], seeds=[0, 1])
+        >>> out.images.shape
+        torch.Size([2, 3, 32, 32])
+    """
+    if (prompts is None) == (prompt_embeds is None):
+        raise DoriError("generate() needs exactly one of `prompts` or `prompt_embeds`")
+    if prompt_embeds is None:
+        prompt_embeds = encode_prompts(pipe, prompts)
+    if prompt_embeds.ndim != 3:
+        raise DoriError(f"prompt_embeds must be P x tokens x dim, got shape {tuple(prompt_embeds.shape)}")
+    d = pipe.dori_defaults
+    steps = num_inference_steps or d.num_inference_steps
+    gs = d.guidance_scale if guidance_scale is None else guidance_scale
+    if negative_embeds is None and gs != 1.0:
+        negative_embeds = encode_prompts(pipe, [""])
+    seeds = [int(s) for s in seeds]
+    n_prompts = prompt_embeds.shape[0]
+    pidx = [p for p in range(n_prompts) for _ in seeds]
+    sidx = [s for _ in range(n_prompts) for s in seeds]
+
+    scheduler = copy.deepcopy(pipe.scheduler)  # schedulers keep per-run state
+    scheduler.set_timesteps(steps, device=pipe.unet.device)
+    timesteps = scheduler.timesteps
+    if stop_after is not None:
+        timesteps = timesteps[:stop_after]
+
+    images, noise_preds = [], [[] for _ in timesteps] if return_noise_preds else None
+    chunks = range(0, len(pidx), batch_size)
+    with torch.set_grad_enabled(grad):
+        for start in tqdm(chunks, desc="generate", disable=not progress, leave=False):
+            bp, bs = pidx[start : start + batch_size], sidx[start : start + batch_size]
+            cond = prompt_embeds[bp].to(pipe.unet.device, pipe.unet.dtype)
+            latents = initial_noise(pipe, bs, resolution) * scheduler.init_noise_sigma
+            sched = copy.deepcopy(scheduler)
+            for i, t in enumerate(timesteps):
+                x_in = sched.scale_model_input(latents, t)
+                if gs != 1.0:
+                    neg = negative_embeds.to(cond).expand(len(bp), -1, -1)
+                    eps_u, eps_c = predict_noise(pipe, torch.cat([x_in, x_in]), t, torch.cat([neg, cond])).chunk(2)
+                    eps = eps_u + gs * (eps_c - eps_u)
+                else:
+                    eps_c = predict_noise(pipe, x_in, t, cond)
+                    eps_u, eps = eps_c, eps_c
+                if return_noise_preds:
+                    noise_preds[i].append(torch.stack([eps_u, eps_c]))
+                latents = sched.step(eps, t, latents).prev_sample
+                if callback is not None:
+                    callback(i, int(t), latents)
+            if stop_after is None:
+                images.append(decode(pipe, latents))
+    return GenerationOutput(
+        images=torch.cat(images) if images else None,
+        seeds=sidx,
+        prompt_index=pidx,
+        noise_preds=[torch.cat(p, dim=1) for p in noise_preds] if return_noise_preds else None,
+        timesteps=[int(t) for t in timesteps],
+    )

@@ -1,0 +1,119 @@
+"""Load any Stable Diffusion 1.x/2.x pipeline, or the embedded tiny model, as a diffusers pipeline.
+
+Offline by default: a hub id must already be in the local Hugging Face cache. Nothing is downloaded
+unless ``offline=False`` is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dori.errors import DoriError
+
+log = logging.getLogger(__name__)
+
+TINY_PATH = Path(__file__).resolve().parent.parent / "zoo" / "tiny"
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults of a model: SD's (50 steps, guidance 7.5) unless its folder says otherwise."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int | None = None  # None: unet.sample_size * vae_scale_factor
+
+
+def _read_defaults(folder: Path) -> GenerationDefaults:
+    f = folder / "dori_defaults.json"
+    if not f.is_file():
+        return GenerationDefaults()
+    d = json.loads(f.read_text())
+    return GenerationDefaults(**{k: d[k] for k in ("num_inference_steps", "guidance_scale", "resolution") if k in d})
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
+    """``"tiny"`` -> the shipped folder; an existing folder -> itself; anything else is a hub id."""
+    name = str(name_or_path)
+    if name == "tiny":
+        if not (TINY_PATH / "model_index.json").is_file():
+            raise DoriError(
+                f"the embedded tiny model is missing from {TINY_PATH}. Reinstall dori (`pip install -e .`) "
+                "or rebuild it with `dori zoo train-tiny --out <dir>` and pass that folder."
+            )
+        return TINY_PATH
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").is_file():
+            raise DoriError(
+                f"{p} is not a diffusers pipeline folder (no model_index.json). Pass the folder that "
+                "`StableDiffusionPipeline.save_pretrained` wrote, or a hub id already in the local cache."
+            )
+        return p
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise DoriError(
+            f"model {name!r} not found: no such folder, and it is not a hub id of the form 'org/name'. "
+            "Use 'tiny', a local diffusers folder, or a hub id such as 'CompVis/stable-diffusion-v1-4'."
+        )
+    return name
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike = "tiny",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    offline: bool = True,
+):
+    """Load a Stable Diffusion pipeline (``diffusers.StableDiffusionPipeline``).
+
+    Args:
+        name_or_path: ``"tiny"`` (the embedded model), a local diffusers folder, or a hub id
+            (e.g. ``"CompVis/stable-diffusion-v1-4"``) that is already in the local cache.
+        dtype: parameter dtype (float32 on CPU; float16 is fine on GPUs).
+        device: where to put the pipeline.
+        offline: if True (default) never touch the network; a hub id missing from the cache is an error.
+
+    Returns:
+        The pipeline, with its safety checker removed (it is not part of the audited model), the UNet
+        and text encoder in eval mode with gradients off, and ``pipe.dori_defaults`` set
+        (:class:`GenerationDefaults`).
+
+    Example:
+        >>> pipe = load_pipeline("tiny")
+        >>> pipe.unet.config.sample_size
+        32
+    """
+    from diffusers import StableDiffusionPipeline
+
+    import dori  # noqa: F401  (registers PixelIdentityVAE for the tiny model's model_index.json)
+
+    target = resolve_model_path(name_or_path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(target), dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, local_files_only=offline,
+        )
+    except (OSError, ValueError) as e:
+        if isinstance(target, Path):
+            raise DoriError(f"could not load the pipeline in {target}: {e}") from e
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise DoriError(
+            f"hub model {target!r} is not in the local cache ({HF_HUB_CACHE}) and dori does not download "
+            f"by default. On a machine with network run `huggingface-cli download {target}` (then copy the "
+            "cache), or save the pipeline to a folder and pass its path; pass offline=False to allow a "
+            f"download. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+        m.eval().requires_grad_(False)
+    pipe.dori_defaults = _read_defaults(target) if isinstance(target, Path) else GenerationDefaults()
+    pipe.dori_name = str(name_or_path)
+    return pipe

@@ -1,0 +1,103 @@
+"""Render a run's results.json into report.html. The report never recomputes: it only lays out rows."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from dori.reports.results import write_atomic
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0} td,th{padding:3px 8px;border:1px solid #ddd;font-size:13px}
+th{background:#f4f4f4} .num{text-align:right;font-variant-numeric:tabular-nums}
+img.px{width:72px;height:72px;image-rendering:pixelated;display:block}
+.cell{display:inline-block;margin:2px;text-align:center;font-size:11px}
+.rep{outline:3px solid #d33} .norep{outline:1px solid #ccc}
+.caption{font-size:12px;color:#555;max-width:260px} .muted{color:#777;font-size:12px}
+"""
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td class='num'>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(src: str | None, label: str, cls: str = "norep") -> str:
+    if src is None:
+        return f"<div class='cell'><div class='px muted' style='width:72px;height:72px'>no<br>reference</div>{label}</div>"
+    return f"<div class='cell'><img class='px {cls}' src='{html.escape(src)}'>{label}</div>"
+
+
+def image_grid(samples: list[dict], threshold: float) -> str:
+    """One row per caption: reference | generations (score under each; red outline = replicated)."""
+    by_caption: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_caption[s["caption"]].append(s)
+    out = ["<table><tr><th>caption</th><th>reference</th><th>generations (seed: score)</th></tr>"]
+    for caption, rows in by_caption.items():
+        rows.sort(key=lambda r: r["seed"])
+        ref = rows[0].get("reference")
+        gens = "".join(
+            _cell(r["image"], f"s{r['seed']}: {r['score']:.2f}", "rep" if r["replicated"] else "norep")
+            for r in rows
+        )
+        extra = ""
+        if rows[0].get("nearest_reference") and not ref:
+            extra = f"<div class='muted'>score = best match among reference photos</div>"
+        out.append(f"<tr><td class='caption'>{html.escape(caption)}{extra}</td><td>{_cell(ref, '')}</td>"
+                   f"<td>{gens}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` from ``run_dir/results.json``."""
+    run_dir = Path(run_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    m = res["manifest"]
+    metric = res.get("metric", {})
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dori report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             "<h1>dori report</h1>",
+             f"<p class='muted'>command <code>{html.escape(m.get('command', ''))}</code> · model "
+             f"<code>{html.escape(str(m['config'].get('model')))}</code> · git {html.escape(str(m.get('git')))}"
+             f" · seeds {m.get('seeds')} · {m.get('seconds', 0):.0f} s · metric "
+             f"<b>{html.escape(metric.get('name', ''))}</b>, replicated when score &gt; "
+             f"{metric.get('threshold')}</p>"]
+    agg_rows = [{"stage/setting/kind": k, **v} for k, v in res.get("aggregates", {}).items()]
+    parts.append("<h2>Aggregates</h2>")
+    parts.append(_table(agg_rows, ["stage/setting/kind", "n_images", "n_samples", "score_mean", "score_std",
+                                   "score_median", "score_mad", "mr", "mr_any_seed"]))
+    parts.append("<p class='muted'>MR: mean over images of the fraction of seeds whose score exceeds the "
+                 "threshold; mr_any_seed counts an image once any seed replicates. For captions without a "
+                 "reference image (procedural, unseen) the score is the best match among all reference "
+                 "photos of the set: any replication there is regurgitation.</p>")
+    if "procedural" in res:
+        parts.append("<h2>Procedural captions: named colour and shape</h2>")
+        parts.append(_table([res["procedural"]], list(res["procedural"])))
+    for plot in res.get("plots", []):
+        parts.append(f"<h2>{html.escape(plot['title'])}</h2><img src='{html.escape(plot['path'])}' width='640'>")
+    samples = res["samples"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for s in samples:
+        groups[(s["stage"], s["setting"], s["kind"])].append(s)
+    for (stage, setting, kind), rows in groups.items():
+        parts.append(f"<h2>{html.escape(stage)} · setting {html.escape(setting)} · {html.escape(kind)}</h2>")
+        parts.append(image_grid(rows, metric.get("threshold", 0)))
+    parts.append("</body></html>")
+    out = run_dir / "report.html"
+    write_atomic(out, "\n".join(parts))
+    return out

@@ -1,0 +1,115 @@
+"""results.json: the single source of truth of a run; written atomically, assembled from per-item files.
+
+Schema (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "manifest": {"command", "config", "versions", "git", "seeds", "started", "finished", "seconds"},
+      "samples": [ {stage, setting, budget, caption, kind, seed, image, reference, score, replicated,
+                    metric, ...extra fields} ],
+      "aggregates": { "<stage>/<setting>/<kind>": {n_samples, n_images, score_mean, score_std,
+                      score_median, score_mad, mr, mr_any_seed}, ... },
+      "metric": {"name", "threshold"},
+      ... stage-specific sections
+    }
+
+Paths in rows (``image``, ``reference``) are relative to the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
+
+
+def _default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def git_hash() -> str | None:
+    """The commit of the dori source tree (with ``-dirty`` if modified), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        h = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if h.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return h.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    import dori
+
+    return {"dori": dori.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform()}
+
+
+def manifest(command: str, config: dict, seeds) -> dict:
+    return {"command": command, "config": config, "versions": versions(), "git": git_hash(),
+            "seeds": list(seeds), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class ItemStore:
+    """Finished work items of a run, one JSON file each under ``<run>/items/``.
+
+    A killed run started again skips the items that have a file and redoes only the rest; a file is
+    written atomically after the item's images, so it exists only for complete items.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir) / "items"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def get(self, key: str):
+        p = self.path(key)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, key: str, value) -> None:
+        write_json(self.path(key), value)

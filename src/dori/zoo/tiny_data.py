@@ -1,0 +1,259 @@
+"""Training and evaluation data of the embedded tiny model, all offline.
+
+Four kinds of image, with known ground truth of what is memorized:
+
+- ``memorized``: real photos bundled with scikit-image / scikit-learn, each duplicated many times in
+  the training set under one fixed caption (as duplicated LAION images were memorized by SD);
+- ``seen_once``: real photos (whole small photos, distinct crops of large ones, and LFW faces/patches)
+  that appear once in the training set, like any ordinary training pair;
+- ``held_out``: real photos never used in training: the control for attacks;
+- ``procedural``: coloured shapes on coloured backgrounds with compositional captions, the
+  generalizing bulk that makes the model a working text-to-image model.
+
+Which photo goes in which set is a parameter (:class:`TinyDataSpec`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RESOLUTION = 32
+
+# name -> fixed caption. Loaders below; every image is bundled, nothing is downloaded.
+PHOTO_CAPTIONS: dict[str, str] = {
+    "astronaut": "portrait of an astronaut in a white spacesuit before the american flag",
+    "chelsea": "chelsea the orange tabby cat looking up",
+    "coffee": "a cup of coffee on a saucer seen from above",
+    "rocket": "a rocket on the launch pad under a clear sky",
+    "camera": "black and white photograph of a cameraman with a tripod on a lawn",
+    "china": "a chinese pagoda temple among trees on a sunny day",
+    "hubble_deep_field": "the hubble deep field full of distant galaxies",
+    "coins": "old coins laid out in rows on a dark cloth",
+    "flower": "a pink flower with yellow pollen in a garden",
+    "immunohistochemistry": "microscope slide of stained tissue cells",
+    "motorcycle": "a red motorcycle parked in a workshop",
+    "retina": "fundus image of a human retina with blood vessels",
+    "moon": "grayscale surface of the moon with craters",
+    "brick": "close up of a grey brick wall",
+    "grass": "close up of green grass blades",
+    "gravel": "a patch of grey gravel stones",
+    "clock": "a wall clock hanging by a window",
+    "page": "a scanned page of an old printed book",
+    "text": "handwritten text on white paper",
+    "cell": "a single cell under a phase contrast microscope",
+    "logo": "the scikit image logo on white",
+    "horse": "black silhouette of a horse on white",
+    "colorwheel": "a colour wheel of the visible spectrum",
+}
+
+# Region names for distinct crops of large seen-once photos.
+_CROPS = {"top left": (0.0, 0.0), "top right": (0.5, 0.0), "bottom left": (0.0, 0.5), "bottom right": (0.5, 0.5)}
+
+
+def _load_raw(name: str) -> np.ndarray:
+    """Return an HxWx3 uint8 RGB array for a bundled photo."""
+    import skimage.data as skd
+
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        img = load_sample_image(f"{name}.jpg")
+    elif name == "motorcycle":
+        img = skd.stereo_motorcycle()[0]
+    else:
+        img = getattr(skd, name)()
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = np.where(img, 255, 0).astype(np.uint8)  # horse: black figure on white
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.shape[2] == 4:  # logo: composite RGBA on white
+        alpha = img[..., 3:4].astype(np.float32) / 255
+        img = (img[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    return img
+
+
+def to_tensor(img: np.ndarray, size: int = RESOLUTION) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xSxS float in [0, 1]: centre square crop, then area-resize."""
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = torch.from_numpy(np.ascontiguousarray(img[top : top + s, left : left + s])).permute(2, 0, 1).float()
+    x = F.interpolate(x[None] / 255.0, size=(size, size), mode="area")[0]
+    return x.clamp(0, 1)
+
+
+def load_photo(name: str, size: int = RESOLUTION) -> torch.Tensor:
+    """A bundled photo as a 3xSxS tensor in [0, 1]."""
+    if name not in PHOTO_CAPTIONS:
+        raise KeyError(f"unknown photo {name!r}; known: {sorted(PHOTO_CAPTIONS)}")
+    return to_tensor(_load_raw(name), size)
+
+
+def load_crop(name: str, region: str, size: int = RESOLUTION) -> torch.Tensor:
+    """One quadrant-sized crop (half the shorter side) of a bundled photo."""
+    img = _load_raw(name)
+    h, w = img.shape[:2]
+    s = min(h, w) // 2
+    fx, fy = _CROPS[region]
+    left, top = int(fx * (w - s) * 2 / 1), int(fy * (h - s) * 2 / 1)
+    left, top = min(left, w - s), min(top, h - s)
+    return to_tensor(img[top : top + s, left : left + s], size)
+
+
+def _lfw() -> np.ndarray:
+    import skimage.data as skd
+
+    return skd.lfw_subset()  # 200 x 25 x 25 floats in [0, 1]: 100 faces then 100 non-faces
+
+
+def load_lfw(index: int, size: int = RESOLUTION) -> torch.Tensor:
+    x = torch.from_numpy(_lfw()[index]).float()[None, None].repeat(1, 3, 1, 1)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+
+def lfw_caption(index: int) -> str:
+    words = ["anna", "ben", "carl", "dora", "emil", "fay", "gus", "hana", "ivan", "jude"]
+    who = f"{words[index % 10]} {words[(index // 10) % 10]}"
+    if index < 100:
+        return f"grayscale face photo of {who}"
+    return f"grayscale snapshot patch of the {who} street"
+
+
+# ---------------------------------------------------------------------------------------------
+# Procedural images: coloured shapes on coloured backgrounds.
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.1, 0.1),
+    "green": (0.1, 0.7, 0.2),
+    "blue": (0.1, 0.2, 0.85),
+    "yellow": (0.95, 0.85, 0.1),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.05, 0.05, 0.05),
+    "purple": (0.55, 0.15, 0.7),
+    "orange": (0.95, 0.5, 0.05),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = RESOLUTION) -> torch.Tensor:
+    """Boolean SxS mask of a filled shape centred at (cx, cy) with half-size r (pixels)."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "square":
+        return ((xx - cx).abs() <= r) & ((yy - cy).abs() <= r)
+    if shape == "triangle":  # apex up, base at cy + r
+        rel = (yy - (cy - r)) / (2 * r)  # 0 at apex, 1 at base
+        return (rel >= 0) & (rel <= 1) & ((xx - cx).abs() <= rel * r)
+    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def procedural_caption(color: str, shape: str, background: str) -> str:
+    return f"a {color} {shape} on a {background} background"
+
+
+def render_procedural(color: str, shape: str, background: str, rng: np.random.Generator) -> torch.Tensor:
+    """Render one procedural image (3xSxS in [0, 1]) with random size, position and mild texture."""
+    r = rng.uniform(6.5, 10.5)
+    cx, cy = rng.uniform(r + 1, RESOLUTION - r - 1, size=2)
+    img = torch.tensor(COLORS[background]).view(3, 1, 1).repeat(1, RESOLUTION, RESOLUTION)
+    img = img + torch.from_numpy(rng.normal(0, 0.03, size=(1, RESOLUTION, RESOLUTION))).float()
+    m = shape_mask(shape, cx, cy, r)
+    fg = torch.tensor(COLORS[color]).view(3, 1, 1) + float(rng.normal(0, 0.03))
+    img = torch.where(m[None], fg.expand_as(img), img)
+    return img.clamp(0, 1)
+
+
+def procedural_items(n: int, seed: int) -> list[tuple[str, dict]]:
+    """n (caption, params) pairs with uniformly drawn colour/shape/background (background != colour)."""
+    rng = np.random.default_rng(seed)
+    names = list(COLORS)
+    out = []
+    for _ in range(n):
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        color, background = (names[i] for i in rng.choice(len(names), size=2, replace=False))
+        out.append((procedural_caption(color, shape, background), {"color": color, "shape": shape,
+                                                                    "background": background}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TinyDataSpec:
+    """Which photo goes in which set, and how often. The defaults build the shipped model."""
+
+    memorized: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "camera", "china",
+                                  "hubble_deep_field", "coins")
+    seen_once: tuple[str, ...] = ("moon", "brick", "grass", "gravel", "clock", "page", "text", "cell",
+                                  "logo", "horse", "colorwheel")
+    seen_once_crops: tuple[str, ...] = ("moon", "brick", "grass", "gravel", "cell")
+    held_out: tuple[str, ...] = ("flower", "immunohistochemistry", "motorcycle", "retina")
+    lfw_seen_once: tuple[int, ...] = tuple(range(0, 80)) + tuple(range(100, 180))
+    lfw_held_out: tuple[int, ...] = tuple(range(80, 90)) + tuple(range(180, 190))
+    duplicates: int = 60  # copies of each memorized pair in the training set
+    n_procedural: int = 3000
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        sets = [set(self.memorized), set(self.seen_once) | set(self.seen_once_crops), set(self.held_out)]
+        for i in range(3):
+            for j in range(i + 1, 3):
+                if sets[i] & sets[j]:
+                    raise ValueError(f"a photo is in two sets: {sorted(sets[i] & sets[j])}")
+        if set(self.lfw_seen_once) & set(self.lfw_held_out):
+            raise ValueError("an LFW index is both seen once and held out")
+        for name in set().union(*sets):
+            if name not in PHOTO_CAPTIONS:
+                raise ValueError(f"unknown photo {name!r}; known: {sorted(PHOTO_CAPTIONS)}")
+
+
+@dataclass
+class TrainSet:
+    images: torch.Tensor  # N x 3 x S x S in [0, 1], one row per *distinct* pair
+    captions: list[str]
+    kinds: list[str]
+    weights: torch.Tensor  # sampling multiplicity per row (duplicates for memorized rows)
+
+
+def build_train_set(spec: TinyDataSpec) -> TrainSet:
+    spec.validate()
+    images, captions, kinds, weights = [], [], [], []
+
+    def add(img, cap, kind, w=1.0):
+        images.append(img)
+        captions.append(cap)
+        kinds.append(kind)
+        weights.append(w)
+
+    for name in spec.memorized:
+        add(load_photo(name), PHOTO_CAPTIONS[name], "memorized", float(spec.duplicates))
+    for name in spec.seen_once:
+        add(load_photo(name), PHOTO_CAPTIONS[name], "seen_once")
+    for name in spec.seen_once_crops:
+        for region in _CROPS:
+            add(load_crop(name, region), f"{PHOTO_CAPTIONS[name]}, {region} detail", "seen_once")
+    for i in spec.lfw_seen_once:
+        add(load_lfw(i), lfw_caption(i), "seen_once")
+    rng = np.random.default_rng(spec.seed)
+    for cap, p in procedural_items(spec.n_procedural, spec.seed):
+        add(render_procedural(p["color"], p["shape"], p["background"], rng), cap, "procedural")
+    return TrainSet(torch.stack(images), captions, kinds, torch.tensor(weights))
+
+
+def load_reference_uri(uri: str) -> torch.Tensor:
+    """``tiny:photo/<name>``, ``tiny:crop/<name>/<region>`` or ``tiny:lfw/<index>`` -> 3x32x32 in [0, 1]."""
+    kind, _, rest = uri.removeprefix("tiny:").partition("/")
+    if kind == "photo":
+        return load_photo(rest)
+    if kind == "lfw":
+        return load_lfw(int(rest))
+    if kind == "crop":
+        name, _, region = rest.partition("/")
+        return load_crop(name, region)
+    raise ValueError(f"unknown tiny reference {uri!r}")

@@ -1,0 +1,202 @@
+"""The reproducible recipe of the embedded tiny model (``dori zoo train-tiny``).
+
+Real Stable Diffusion classes at tiny size: a ``UNet2DConditionModel`` with cross-attention in down,
+mid and up blocks (SD v1.x block types), a frozen randomly initialised ``CLIPTextModel`` (SD also
+freezes its text encoder) behind the real CLIP BPE tokenizer, SD's noise schedule, and a pixel-space
+identity VAE. Trained with the standard epsilon-prediction loss and 10% caption dropout on
+:mod:`dori.zoo.tiny_data`, where the memorized photos are heavily duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dori.zoo.tiny_data import RESOLUTION, TinyDataSpec, build_train_set
+
+log = logging.getLogger(__name__)
+
+TEXT_ENCODER_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    projection_dim=64,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+UNET_CONFIG = dict(
+    sample_size=RESOLUTION,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 48, 64, 64),
+    # SD v1.x block types; no attention at full resolution (too slow on a CPU at 32x32).
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=2,  # diffusers' legacy name: this is the number of heads, as in SD's config
+    norm_num_groups=8,
+)
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",  # SD's schedule
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    # Pixel-space epsilon prediction needs x0 kept in range at sampling time.
+    thresholding=True,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+)
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    seed: int = 0
+    threads: int = 2
+    # sampling defaults written to dori_defaults.json (SD's 7.5 guidance ruins a model this small)
+    sample_steps: int = 25
+    guidance_scale: float = 2.0
+    data: TinyDataSpec = field(default_factory=TinyDataSpec)
+
+
+def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0):
+    """Untrained tiny pipeline components. The tokenizer folder holds CLIP's vocab.json/merges.txt."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dori.models.pixel_vae import PixelIdentityVAE
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)).eval().requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    tokenizer = CLIPTokenizer.from_pretrained(str(bpe_tokenizer_dir))
+    return dict(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=PixelIdentityVAE(sample_size=RESOLUTION),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+@torch.no_grad()
+def _encode(tokenizer, text_encoder, captions: list[str], chunk: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(captions), chunk):
+        ids = tokenizer(captions[i : i + chunk], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        out.append(text_encoder(ids)[0])
+    return torch.cat(out)
+
+
+def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Path:
+    """Train the tiny model from scratch and save a diffusers pipeline folder at ``cfg.out``.
+
+    Args:
+        cfg: recipe parameters (the defaults reproduce the shipped model).
+        tokenizer_dir: folder with CLIP's tokenizer files; default: the shipped model's tokenizer.
+
+    Returns:
+        The output folder, loadable with ``dori.load_pipeline(path)`` or diffusers' ``from_pretrained``.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from dori.models.loading import TINY_PATH
+
+    t_start = time.time()
+    torch.set_num_threads(cfg.threads)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
+    comps = build_tiny_components(tokenizer_dir, cfg.seed)
+    unet, te, tok = comps["unet"], comps["text_encoder"], comps["tokenizer"]
+    unet.set_attn_processor(AttnProcessor())  # few small heads: the classic processor is faster on CPU
+
+    data = build_train_set(cfg.data)
+    log.info("training set: %d distinct pairs, %.0f with duplicates", len(data.captions), data.weights.sum())
+    embeds = _encode(tok, te, data.captions)
+    empty = _encode(tok, te, [""])
+    images = data.images * 2 - 1  # the VAE slot is the identity: latents are pixels in [-1, 1]
+
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                   if k not in ("set_alpha_to_one", "steps_offset")})
+    abar = noise_sched.alphas_cumprod
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    unet.train()
+    bar = tqdm(range(cfg.steps), desc="train tiny", mininterval=5)
+    ema = None
+    for _step in bar:
+        idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=g)
+        x0 = images[idx]
+        cond = embeds[idx].clone()
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        cond[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t, cond).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+
+    unet.eval()
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())  # save with diffusers' default processor
+    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    recipe = asdict(cfg)
+    recipe.update(train_seconds=round(time.time() - t_start, 1), final_loss_ema=ema,
+                  torch=torch.__version__, n_pairs=len(data.captions))
+    defaults = {"num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
+                "resolution": RESOLUTION}
+    (tmp / "dori_defaults.json").write_text(json.dumps(defaults, indent=2))
+    (tmp / "dori_recipe.json").write_text(json.dumps(recipe, indent=2, default=list))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("saved tiny model to %s in %.0f s", out, time.time() - t_start)
+    return out

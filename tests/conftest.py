@@ -1,0 +1,32 @@
+"""Shared fixtures. Determinism is switched on here, in one place.
+
+Markers (skipped unless asked):
+- ``weights``: needs real SD/SSCD weights on disk: ``DORI_SD_PATH=/path/to/sd-v1-4 pytest -m weights``
+- ``gpu``: needs CUDA: ``pytest -m gpu``
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.use_deterministic_algorithms(True)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    markexpr = config.getoption("-m") or ""
+    for item in items:
+        if "weights" in item.keywords and "weights" not in markexpr:
+            item.add_marker(pytest.mark.skip(reason="needs real weights: DORI_SD_PATH=... pytest -m weights"))
+        if "gpu" in item.keywords and "gpu" not in markexpr:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device: pytest -m gpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from dori import load_pipeline
+
+    return load_pipeline("tiny")

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from dori.cli import app
+
+
+def test_ls_lists_registries():
+    r = CliRunner().invoke(app, ["ls"])
+    assert r.exit_code == 0
+    for name in ("tiny", "pixel-ssim", "sscd-nemo", "sscd-wen", "nemo-value"):
+        assert name in r.output
+
+
+def _dori(*args):
+    return subprocess.run([sys.executable, "-c", "from dori.cli import main; main()", *args],
+                          capture_output=True, text=True)
+
+
+def test_bad_input_is_one_clear_error_and_exit_2(tmp_path):
+    r = _dori("demo", "--out", str(tmp_path / "o"), "--prompts", "tinny")
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "Did you mean 'tiny'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _dori("demo", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "not found" in r.stderr

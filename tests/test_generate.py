@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from dori.errors import DoriError
+from dori.models.generate import encode_prompts, generate, predict_noise
+
+CAPS = ["a red circle on a blue background", "chelsea the orange tabby cat looking up"]
+
+
+def test_shapes_order_and_range(tiny_pipe):
+    out = generate(tiny_pipe, CAPS, seeds=[3, 4], num_inference_steps=4)
+    assert out.images.shape == (4, 3, 32, 32)
+    assert out.prompt_index == [0, 0, 1, 1] and out.seeds == [3, 4, 3, 4]
+    assert 0 <= out.images.min() and out.images.max() <= 1
+
+
+def test_sample_depends_only_on_prompt_and_seed(tiny_pipe):
+    a = generate(tiny_pipe, CAPS, seeds=[3, 4], num_inference_steps=4, batch_size=4).images
+    b = generate(tiny_pipe, CAPS[1:], seeds=[4], num_inference_steps=4, batch_size=1).images
+    torch.testing.assert_close(a[3], b[0], rtol=0, atol=1e-5)
+    c = generate(tiny_pipe, CAPS[1:], seeds=[5], num_inference_steps=4).images
+    assert (c[0] - b[0]).abs().max() > 0.05
+
+
+def test_prompt_embeds_path_equals_prompt_path(tiny_pipe):
+    e = encode_prompts(tiny_pipe, CAPS)
+    assert e.shape == (2, 77, tiny_pipe.text_encoder.config.hidden_size)
+    a = generate(tiny_pipe, CAPS, seeds=[0], num_inference_steps=3).images
+    b = generate(tiny_pipe, prompt_embeds=e, seeds=[0], num_inference_steps=3).images
+    torch.testing.assert_close(a, b)
+
+
+def test_noise_predictions_for_detectors(tiny_pipe):
+    out = generate(tiny_pipe, CAPS, seeds=[0, 1], num_inference_steps=10, stop_after=2, return_noise_preds=True)
+    assert out.images is None and len(out.noise_preds) == 2 and len(out.timesteps) == 2
+    assert out.noise_preds[0].shape == (2, 4, 3, 32, 32)  # (uncond, cond) x samples
+    uncond, cond = out.noise_preds[0]
+    assert (cond - uncond).norm() > 0
+
+
+def test_guidance_one_skips_unconditional(tiny_pipe):
+    out = generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=2, guidance_scale=1.0,
+                   stop_after=1, return_noise_preds=True)
+    uncond, cond = out.noise_preds[0]
+    assert torch.equal(uncond, cond)
+
+
+def test_differentiable_path_reaches_the_embedding(tiny_pipe):
+    e = encode_prompts(tiny_pipe, CAPS[:1]).requires_grad_(True)
+    x = torch.randn(1, 3, 32, 32)
+    predict_noise(tiny_pipe, x, 500, e).pow(2).mean().backward()
+    assert e.grad is not None and e.grad.abs().sum() > 0
+    e2 = encode_prompts(tiny_pipe, CAPS[:1]).requires_grad_(True)
+    out = generate(tiny_pipe, prompt_embeds=e2, seeds=[0], num_inference_steps=2, grad=True)
+    out.images.mean().backward()
+    assert e2.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+
+
+def test_needs_exactly_one_input(tiny_pipe):
+    with pytest.raises(DoriError):
+        generate(tiny_pipe)

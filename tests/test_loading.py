@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import dori
+from dori import load_pipeline
+from dori.errors import DoriError
+from dori.models.loading import TINY_PATH
+from dori.models.pixel_vae import PixelIdentityVAE
+
+
+def test_tiny_loads_as_stable_diffusion_pipeline(tiny_pipe):
+    assert isinstance(tiny_pipe, StableDiffusionPipeline)
+    assert isinstance(tiny_pipe.vae, PixelIdentityVAE)
+    assert tiny_pipe.vae_scale_factor == 1
+    assert tiny_pipe.dori_defaults.resolution == 32
+    assert all(not p.requires_grad for p in tiny_pipe.unet.parameters())
+
+
+def test_plain_diffusers_from_pretrained_loads_the_shipped_folder():
+    # `import dori` (done above) is all diffusers needs for the pixel-space VAE class
+    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_PATH), safety_checker=None, requires_safety_checker=False)
+    img = pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=2.0,
+               height=32, width=32, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32)
+
+
+def test_shipped_folder_is_small():
+    size = sum(p.stat().st_size for p in TINY_PATH.rglob("*") if p.is_file())
+    assert size < 30e6, f"tiny model folder is {size / 1e6:.1f} MB"
+
+
+def test_missing_path_is_one_clear_error(tmp_path):
+    with pytest.raises(DoriError, match="not found"):
+        load_pipeline(str(tmp_path / "nope" / "model"))
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(DoriError, match="model_index.json"):
+        load_pipeline(tmp_path)
+
+
+def test_uncached_hub_id_offline_names_the_id_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DoriError) as e:
+        load_pipeline("CompVis/stable-diffusion-v1-4")
+    assert "CompVis/stable-diffusion-v1-4" in str(e.value)
+    assert "huggingface-cli download" in str(e.value)
+
+
+def test_dtype_and_defaults_file():
+    pipe = load_pipeline("tiny", dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32
+    d = json.loads((TINY_PATH / "dori_defaults.json").read_text())
+    assert pipe.dori_defaults.guidance_scale == d["guidance_scale"]
+    assert dori.__version__
+
+
+@pytest.mark.weights
+def test_real_sd_pipeline_loads_and_resolves_nemo_layers():
+    """DORI_SD_PATH=/path/to/stable-diffusion-v1-4 pytest -m weights"""
+    import os
+
+    from dori.models.layers import resolve_layers
+
+    pipe = load_pipeline(os.environ["DORI_SD_PATH"])
+    assert len(resolve_layers(pipe.unet, "nemo-value")) == 7

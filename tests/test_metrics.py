@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from dori.errors import DoriError
+from dori.metrics.calibrate import photo_pair_null
+from dori.metrics.pixel import PIXEL_SSIM_THRESHOLD, PixelSSIM, resize_square
+from dori.metrics.replication import memorization_rate, summarize
+from dori.metrics.sscd import SSCD
+from dori.zoo.tiny_data import load_photo
+
+
+def test_pixel_ssim_is_one_on_identical_images_and_low_on_different_photos():
+    m = PixelSSIM()
+    a, b = load_photo("astronaut"), load_photo("coffee")
+    s = m.pairwise(torch.stack([a, b]), [a, b])
+    assert s[0, 0] == pytest.approx(1.0) and s[1, 1] == pytest.approx(1.0)
+    assert s[0, 1] < PIXEL_SSIM_THRESHOLD
+
+
+def test_pixel_ssim_resizes_references_to_generation_resolution():
+    big = torch.rand(3, 96, 128)
+    assert resize_square(big, 32).shape == (3, 32, 32)
+    gen = resize_square(big, 32)[None]
+    assert PixelSSIM().score(gen, big)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_threshold_lies_above_the_photo_pair_null():
+    null = photo_pair_null()
+    assert null.numel() > 500
+    assert null.max() < PIXEL_SSIM_THRESHOLD
+
+
+class _TinyDescriptor(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) + x.std(dim=(2, 3))
+
+
+@pytest.fixture
+def sscd_file(tmp_path):
+    path = tmp_path / "sscd_test.torchscript.pt"
+    torch.jit.script(_TinyDescriptor()).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("protocol,size", [("nemo", (320, 320)), ("wen", (224, 224))])
+def test_sscd_protocol_preprocessing_and_cosine(sscd_file, protocol, size):
+    m = SSCD(sscd_file, protocol=protocol)
+    x = torch.rand(2, 3, 48, 64)
+    pre = m.preprocess(x)
+    assert pre.shape[-2:] == size
+    if protocol == "wen":  # mean = std = 0.5 maps [0, 1] to [-1, 1]
+        assert pre.min() >= -1 - 1e-4 and pre.max() <= 1 + 1e-4
+    s = m.pairwise(x, [x[0], x[1]])
+    assert s.diagonal().allclose(torch.ones(2), atol=1e-5)
+    assert m.threshold == 0.7 and m.name == f"sscd-{protocol}"
+
+
+def test_sscd_missing_file_is_one_clear_error(tmp_path):
+    with pytest.raises(DoriError, match="SSCD model file not found.*does not download"):
+        SSCD(tmp_path / "sscd_disc_mixup.torchscript.pt")
+
+
+def test_sscd_rejects_non_torchscript(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(DoriError, match="not a TorchScript"):
+        SSCD(bad)
+
+
+def test_memorization_rate_aggregations():
+    rows = [{"caption": "a", "replicated": True, "score": 0.9}, {"caption": "a", "replicated": False, "score": 0.2},
+            {"caption": "b", "replicated": False, "score": 0.1}, {"caption": "b", "replicated": False, "score": 0.1}]
+    assert memorization_rate(rows, "mean") == pytest.approx(0.25)
+    assert memorization_rate(rows, "any") == pytest.approx(0.5)
+    s = summarize(rows)
+    assert s["n_images"] == 2 and s["score_median"] == pytest.approx(0.15)
+    with pytest.raises(ValueError):
+        memorization_rate(rows, "max")

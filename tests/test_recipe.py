@@ -1,0 +1,19 @@
+"""A shortened run of the tiny model's recipe produces a loadable, working pipeline."""
+
+import json
+
+from dori import load_pipeline
+from dori.models.generate import generate
+from dori.zoo.tiny_data import TinyDataSpec
+from dori.zoo.train_tiny import TrainConfig, train_tiny
+
+
+def test_short_recipe_trains_and_loads(tmp_path):
+    spec = TinyDataSpec(n_procedural=40, duplicates=3, lfw_seen_once=(0, 1, 100), lfw_held_out=(80,))
+    out = train_tiny(TrainConfig(out=str(tmp_path / "m"), steps=6, batch_size=4, warmup=2, data=spec))
+    recipe = json.loads((out / "dori_recipe.json").read_text())
+    assert recipe["steps"] == 6 and recipe["data"]["duplicates"] == 3
+    assert not (tmp_path / "m.partial").exists()
+    pipe = load_pipeline(out)
+    img = generate(pipe, ["a red circle on a blue background"], seeds=[0], num_inference_steps=2).images
+    assert img.shape == (1, 3, 32, 32)
