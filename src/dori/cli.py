@@ -38,13 +38,17 @@ def demo(
     steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
     guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
     device: str = typer.Option("cpu"),
+    stages: str = typer.Option("generate,detect,nemo,wanda", help="comma-separated stages to run"),
+    stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
 ):
-    """Generate every caption over several seeds, measure replication, write results.json and report.html."""
+    """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
+    them with NeMo and Wanda; write results.json and report.html."""
     from dori.analyses.demo import run_demo
 
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
-                   images_dir=images_dir)
+                   images_dir=images_dir, stages=[s.strip() for s in stages.split(",") if s.strip()],
+                   stats_prompts=stats_prompts)
     table = Table(title=f"replication ({res['metric']['name']}, threshold {res['metric']['threshold']})")
     for col in ("stage/setting/kind", "images", "score mean ± std", "MR"):
         table.add_column(col)
@@ -55,6 +59,14 @@ def demo(
         p = res["procedural"]
         Console().print(f"procedural captions: colour {p['color_accuracy']:.2f}, shape {p['shape_accuracy']:.2f}, "
                         f"background {p['background_accuracy']:.2f}, all three {p['all_accuracy']:.2f}")
+    if "detection" in res:
+        d = res["detection"]
+        Console().print(f"detection (noise magnitude): AUROC {d['auroc']:.3f}, TPR@1%FPR {d['tpr_at_1pct_fpr']:.2f}")
+    for name, mres in res.get("mitigations", {}).items():
+        sm = mres["summary"]
+        fid = sm["non_memorized_similarity_to_unmitigated"]
+        Console().print(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
+                        f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {fid['mean']:.2f}")
     Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
+from dori.analyses.mitigate import run_mitigation
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
@@ -17,6 +19,64 @@ from dori.reports.results import SCHEMA_VERSION, ItemStore, manifest, write_json
 log = logging.getLogger(__name__)
 
 DEMO_SEEDS = (0, 1, 2, 3)
+STAGES = ("generate", "detect", "nemo", "wanda")
+
+
+def run_detection(pipe, records, store: ItemStore) -> dict:
+    """Noise-magnitude score of every caption; AUROC and TPR at 1% FPR, memorized vs the rest."""
+    from dori.detectors.wen import NoiseMagnitude, detection_metrics
+
+    det = NoiseMagnitude()
+    caps = [r.caption for r in records]
+    key = store.key("detect", repr(det), caps)
+    cached = store.get(key)
+    if cached is not None:
+        return cached
+    scores = det.score(pipe, caps).tolist()
+    labels = [r.memorized for r in records]
+    res = {"detector": repr(det), "scores": [{"caption": c, "kind": r.kind, "memorized": r.memorized, "score": s}
+                                              for c, r, s in zip(caps, records, scores, strict=True)]}
+    res |= detection_metrics(scores, labels)
+    store.put(key, res)
+    return res
+
+
+def make_method(name: str, pipe, stats_prompts: str | None):
+    """NeMo or Wanda with the model's shipped settings (``dori_defaults.json`` "methods"), if any."""
+    from dori.mitigations.nemo import NeMo
+    from dori.mitigations.wanda import Wanda
+
+    kwargs = dict(pipe.dori_method_defaults.get(name, {}))
+    if name == "wanda":
+        return Wanda(**kwargs)
+    nemo = NeMo(**kwargs)
+    if stats_prompts:
+        prompts = [r.caption for r in load_prompt_set(stats_prompts) if not r.memorized]
+    elif getattr(pipe, "dori_name", "") == "tiny":
+        from dori.data.tiny import tiny_stats_prompts
+
+        prompts = tiny_stats_prompts()
+    else:
+        raise DoriError("NeMo needs non-memorized prompts for its activation statistics: pass "
+                        "--stats-prompts FILE (e.g. NeMo's unmemorized_laion_prompts.csv or a .txt)")
+    nemo.fit_statistics(pipe, prompts)
+    return nemo
+
+
+def roc_plot(det: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=110)
+    ax.plot(det["roc"]["fpr"], det["roc"]["tpr"], lw=2)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"AUROC {det['auroc']:.3f}, TPR@1%FPR {det['tpr_at_1pct_fpr']:.2f}", fontsize=9)
+    fig.tight_layout()
+    _save_fig(fig, path)
 
 
 def make_metric(name: str | None, pipe, sscd_path: str | None = None):
@@ -70,6 +130,12 @@ def score_histogram(samples: list[dict], threshold: float, path: Path) -> None:
     ax.set_ylabel("generations")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -88,6 +154,8 @@ def run_demo(
     guidance_scale: float | None = None,
     device: str = "cpu",
     images_dir: str | None = None,
+    stages: Sequence[str] = STAGES,
+    stats_prompts: str | None = None,
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
@@ -97,8 +165,12 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
-                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device)
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
+                  stages=list(stages), stats_prompts=stats_prompts)
     man = manifest("dori demo", config, seeds)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
     pipe = load_pipeline(model, device=device)
     m = make_metric(metric, pipe, sscd_path)
@@ -112,16 +184,30 @@ def run_demo(
                     len(missing), "; ".join(r.caption[:40] for r in missing[:5]))
     from dori.analyses.replication import evaluate_replication
 
-    samples = evaluate_replication(pipe, records, seeds, m, out, store=ItemStore(out), gen_kwargs=gen)
+    store = ItemStore(out)
+    samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen)
     results = {
         "schema_version": SCHEMA_VERSION,
         "manifest": man,
         "metric": {"name": m.name, "threshold": m.threshold},
         "prompts": [r.to_dict() for r in records],
         "samples": samples,
-        "aggregates": aggregate(samples),
         "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}],
     }
+    if "detect" in stages:
+        results["detection"] = run_detection(pipe, records, store)
+        roc_plot(results["detection"], out / "plots" / "roc.png")
+        results["plots"].append({"title": "Detection ROC (noise magnitude)", "path": "plots/roc.png"})
+    mitigations = {}
+    for name in ("nemo", "wanda"):
+        if name in stages:
+            method = make_method(name, pipe, stats_prompts)
+            res = run_mitigation(pipe, method, records, seeds, m, out, gen, samples)
+            samples += res["samples"]
+            mitigations[name] = {"summary": res["summary"], "table": res["table"]}
+    if mitigations:
+        results["mitigations"] = mitigations
+    results["aggregates"] = aggregate(samples)
     proc = procedural_accuracy(samples)
     if proc:
         results["procedural"] = proc

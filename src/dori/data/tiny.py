@@ -45,3 +45,15 @@ def tiny_prompt_set(spec: TinyDataSpec | None = None, lfw_per_set: int = 2) -> l
                                 "tiny", {"color": c, "shape": s, "background": b}))
     out += [PromptRecord(c, "unseen", None, "none", f"unseen{i}", "tiny") for i, c in enumerate(UNSEEN_CAPTIONS)]
     return out
+
+
+def tiny_stats_prompts(n_procedural: int = 400, seed: int = 12345) -> list[str]:
+    """Non-memorized captions for NeMo's activation statistics on the tiny model: procedural captions
+    (fresh draws), the seen-once photo captions and LFW captions. None of them is memorized."""
+    from dori.zoo.tiny_data import procedural_items
+
+    spec = TinyDataSpec()
+    caps = [c for c, _ in procedural_items(n_procedural, seed)]
+    caps += [PHOTO_CAPTIONS[n] for n in spec.seen_once]
+    caps += [lfw_caption(i) for i in spec.lfw_seen_once]
+    return caps

@@ -144,3 +144,32 @@ def _zero_channels(idx: torch.Tensor):
         return output.index_fill(-1, idx, 0.0)
 
     return hook
+
+
+@contextmanager
+def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor]):
+    """Deactivate a different set of neurons for every sample of a batch (batched candidate checks).
+
+    Args:
+        masks: layer name -> bool tensor ``B x out_features`` (True = deactivated) where B is the UNet
+            batch of every call made inside the block.
+    """
+    mods = dict(unet.named_modules())
+    handles = []
+
+    def hook_for(keep: torch.Tensor):
+        def hook(module, args, output):
+            if output.shape[0] != keep.shape[0]:
+                raise RuntimeError(f"per-sample mask for batch {keep.shape[0]} got a batch of {output.shape[0]}")
+            return output * keep.view(keep.shape[0], *([1] * (output.ndim - 2)), keep.shape[1])
+
+        return hook
+
+    try:
+        for name, m in masks.items():
+            keep = (~m.bool()).to(mods[name].weight.dtype).to(mods[name].weight.device)
+            handles.append(mods[name].register_forward_hook(hook_for(keep)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -115,5 +115,8 @@ def load_pipeline(
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.eval().requires_grad_(False)
     pipe.dori_defaults = _read_defaults(target) if isinstance(target, Path) else GenerationDefaults()
+    # per-model settings of the methods (e.g. the tiny model's calibrated NeMo threshold), if shipped
+    f = target / "dori_defaults.json" if isinstance(target, Path) else None
+    pipe.dori_method_defaults = json.loads(f.read_text()).get("methods", {}) if f and f.is_file() else {}
     pipe.dori_name = str(name_or_path)
     return pipe

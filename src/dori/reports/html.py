@@ -37,7 +37,8 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def _cell(src: str | None, label: str, cls: str = "norep") -> str:
     if src is None:
-        return f"<div class='cell'><div class='px muted' style='width:72px;height:72px'>no<br>reference</div>{label}</div>"
+        box = "<div class='px muted' style='width:72px;height:72px'>no<br>reference</div>"
+        return f"<div class='cell'>{box}{label}</div>"
     return f"<div class='cell'><img class='px {cls}' src='{html.escape(src)}'>{label}</div>"
 
 
@@ -56,7 +57,7 @@ def image_grid(samples: list[dict], threshold: float) -> str:
         )
         extra = ""
         if rows[0].get("nearest_reference") and not ref:
-            extra = f"<div class='muted'>score = best match among reference photos</div>"
+            extra = "<div class='muted'>score = best match among reference photos</div>"
         out.append(f"<tr><td class='caption'>{html.escape(caption)}{extra}</td><td>{_cell(ref, '')}</td>"
                    f"<td>{gens}</td></tr>")
     out.append("</table>")
@@ -88,6 +89,38 @@ def render_report(run_dir: str | Path) -> Path:
     if "procedural" in res:
         parts.append("<h2>Procedural captions: named colour and shape</h2>")
         parts.append(_table([res["procedural"]], list(res["procedural"])))
+    if "detection" in res:
+        d = res["detection"]
+        parts.append(f"<h2>Detection: {html.escape(d['detector'])}</h2><p>AUROC <b>{d['auroc']:.3f}</b>, "
+                     f"TPR at 1% FPR <b>{d['tpr_at_1pct_fpr']:.2f}</b> (memorized vs all other captions)</p>")
+        parts.append(_table(sorted(d["scores"], key=lambda r: -r["score"]), ["caption", "kind", "score"]))
+    by_key = defaultdict(list)
+    for s in res["samples"]:
+        by_key[(s["setting"], s["caption"])].append(s)
+    for name, mres in res.get("mitigations", {}).items():
+        sm = mres["summary"]
+        parts.append(f"<h2>Mitigation: {html.escape(name)}</h2><p class='muted'>{html.escape(sm['method'])}</p>")
+        parts.append(f"<p>memorized MR {sm['mr_before']:.2f} &rarr; <b>{sm['mr_after']:.2f}</b> with each "
+                     f"prompt's own mask; joint mask size {sm['joint_mask_size']}; non-memorized captions "
+                     f"with the joint mask: {html.escape(sm['non_memorized_similarity_to_unmitigated']['measure'])}"
+                     f" = {sm['non_memorized_similarity_to_unmitigated']['mean']:.3f} (min "
+                     f"{sm['non_memorized_similarity_to_unmitigated']['min']:.3f})</p>")
+        parts.append(_table(mres["table"], ["caption", "mask_size", "score_before", "mr_before", "score_after",
+                                            "mr_after", "seconds"]))
+        rows = ["<table><tr><th>caption</th><th>reference</th><th>unmitigated</th><th>mitigated</th></tr>"]
+        for t in mres["table"]:
+            plain = sorted(by_key[("none", t["caption"])], key=lambda r: r["seed"])
+            mitig = sorted(by_key[(name, t["caption"])], key=lambda r: r["seed"])
+            ref = (plain or mitig)[0].get("reference")
+
+            def cells(rs):
+                return "".join(_cell(r["image"], f"{r['score']:.2f}", "rep" if r["replicated"] else "norep")
+                               for r in rs)
+
+            rows.append(f"<tr><td class='caption'>{html.escape(t['caption'])}</td><td>{_cell(ref, '')}</td>"
+                        f"<td>{cells(plain)}</td><td>{cells(mitig)}</td></tr>")
+        rows.append("</table>")
+        parts.append("".join(rows))
     for plot in res.get("plots", []):
         parts.append(f"<h2>{html.escape(plot['title'])}</h2><img src='{html.escape(plot['path'])}' width='640'>")
     samples = res["samples"]

@@ -15,7 +15,6 @@ Which photo goes in which set is a parameter (:class:`TinyDataSpec`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

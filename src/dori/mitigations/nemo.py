@@ -1,0 +1,314 @@
+"""NeMo: localizing memorization neurons (Hintersdorf et al., "Finding NeMo", NeurIPS 2024).
+
+A neuron is an output channel of a cross-attention value projection (``attn2.to_v``) of the down and
+mid blocks (layer group ``nemo-value``; SD v1.4's layers 1-7). The procedure, per memorized prompt:
+
+1. **Statistics** (once per model): for many non-memorized prompts, the activation of each neuron,
+   ``mean over tokens of |to_v(e)|``, computed from the text embedding alone (no UNet run); its mean
+   and std per neuron. Cached as safetensors, keyed by model, layer group and prompts.
+2. **Memorization signal**: the first-step noise difference ``eps(x_T, e) - x_T`` (conditional
+   prediction, per channel min-max scaled) for ``n_seeds`` initial noises. A prompt is memorized when
+   the noise differences of different seeds look alike (max pairwise SSIM > ``pairwise_threshold``;
+   NeMo's 0.428 on SD v1.4); only those seeds are looked at. With neurons deactivated, the signal is the
+   max over looked-at seeds of SSIM(vanilla difference, blocked difference): the mitigation works once
+   it drops below ``threshold``.
+3. **Initial selection**: neurons whose activation z-score exceeds theta (from 5, lowered by 0.25 per
+   round down to 1) plus the top-k activations per layer (k from 0, +1 per round), until the signal
+   drops below ``threshold``.
+4. **Refinement**: try re-enabling whole layers (last to first), then single neurons; keep a neuron
+   deactivated only if re-enabling it brings the signal back above the threshold.
+
+Speed-up over the reference code (which checks one candidate per UNet call and runs a UNet pass just to
+read text-only activations): candidate checks are batched, many candidate masks in one UNet call, one
+mask per sample. The greedy decisions are replayed in order, so the selected set equals the sequential
+procedure's (``batch_candidates=1`` runs it sequentially); checks evaluated after an accepted
+candidate in the same batch are recomputed under the new state and counted in ``stats["speculative"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dori.mitigations.masks import Mask, per_sample_neuron_masks
+from dori.models.generate import encode_prompts, generate, initial_noise
+from dori.models.layers import resolve_layers
+
+log = logging.getLogger(__name__)
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pair SSIM of noise differences: NeMo's 3-scale MS-SSIM (kernel 11) when the latent is large
+    enough (SD: 64 x 64), else single-scale SSIM with a 7 x 7 window (the tiny model's 32 x 32)."""
+    from torchmetrics.functional.image import (
+        multiscale_structural_similarity_index_measure as ms_ssim,
+    )
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    a, b = a.float(), b.float()
+    if min(a.shape[-2:]) > 40:
+        return ms_ssim(a, b, reduction="none", kernel_size=11, betas=(0.33, 0.33, 0.33), data_range=1.0)
+    return ssim(a, b, reduction="none", kernel_size=7, data_range=1.0)
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+@dataclass
+class NeMoResult:
+    mask: Mask
+    memorized: bool
+    initial: dict[str, list[int]] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+class NeMo:
+    """NeMo neuron localization. One verb: :meth:`localize` (prompt -> neuron :class:`Mask`).
+
+    Args:
+        layer_group: the value layers searched (default ``nemo-value``).
+        theta: initial z-score threshold (5), lowered by ``theta_step`` (0.25) per round to ``theta_min`` (1).
+        k: initial top-k per layer (0), +1 per round.
+        threshold: signal threshold of the initial selection and refinement (NeMo: 0.428 on SD v1.4;
+            calibrate it for another model, see :func:`calibrate_nemo_threshold`).
+        pairwise_threshold: max pairwise SSIM above which a seed counts as memorized (default: ``threshold``).
+        n_seeds, seed: initial noises ``seed .. seed + n_seeds - 1`` (NeMo: 10 seeds).
+        batch_candidates: candidate masks checked per UNet call (1 = the sequential reference procedure).
+        stats_cache: folder for the activation statistics (default ``$DORI_CACHE`` or ``~/.cache/dori``).
+    """
+
+    name = "nemo"
+
+    def __init__(self, layer_group: str = "nemo-value", theta: float = 5.0, theta_step: float = 0.25,
+                 theta_min: float = 1.0, k: int = 0, threshold: float = 0.428,
+                 pairwise_threshold: float | None = None, n_seeds: int = 10, seed: int = 1,
+                 batch_candidates: int = 16, stats_cache: str | Path | None = None):
+        self.layer_group, self.theta0, self.theta_step, self.theta_min, self.k0 = (
+            layer_group, theta, theta_step, theta_min, k)
+        self.threshold = threshold
+        self.pairwise_threshold = threshold if pairwise_threshold is None else pairwise_threshold
+        self.seeds = list(range(seed, seed + n_seeds))
+        self.batch_candidates = max(1, batch_candidates)
+        self.stats_cache = Path(stats_cache or os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
+        self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def params(self) -> dict:
+        return dict(layer_group=self.layer_group, theta=self.theta0, theta_step=self.theta_step,
+                    theta_min=self.theta_min, k=self.k0, threshold=self.threshold,
+                    pairwise_threshold=self.pairwise_threshold, seeds=self.seeds)
+
+    def __repr__(self) -> str:
+        return "NeMo(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
+
+    # ---- 1. statistics -------------------------------------------------------------------------
+    @torch.no_grad()
+    def activations(self, pipe, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``mean over tokens of |to_v(e)|`` per layer: ``P x neurons`` (text embedding only, no UNet)."""
+        layers = resolve_layers(pipe.unet, self.layer_group)
+        return {ref.name: ref.module(prompt_embeds).abs().mean(dim=1) for ref in layers}
+
+    def fit_statistics(self, pipe, prompts: Sequence[str], batch_size: int = 256) -> dict:
+        """Mean and std of every neuron's activation over non-memorized ``prompts`` (cached on disk)."""
+        key = hashlib.sha1(json.dumps([getattr(pipe, "dori_name", "?"), self.layer_group, list(prompts),
+                                       _weights_digest(pipe, self.layer_group)]).encode()).hexdigest()[:16]
+        path = self.stats_cache / "nemo_stats" / f"{key}.safetensors"
+        if path.is_file():
+            t = load_file(str(path))
+            names = json.loads(t.pop("__names__").numpy().tobytes().decode())
+            self._stats = {n: (t[f"mean{i}"], t[f"std{i}"]) for i, n in enumerate(names)}
+            return self._stats
+        acts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(prompts), batch_size):
+            for n, a in self.activations(pipe, encode_prompts(pipe, prompts[i : i + batch_size])).items():
+                acts.setdefault(n, []).append(a)
+        self._stats = {n: (torch.cat(a).mean(0), torch.cat(a).std(0)) for n, a in acts.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = list(self._stats)
+        tensors = {f"mean{i}": self._stats[n][0].contiguous().cpu() for i, n in enumerate(names)}
+        tensors |= {f"std{i}": self._stats[n][1].contiguous().cpu() for i, n in enumerate(names)}
+        tensors["__names__"] = torch.frombuffer(bytearray(json.dumps(names).encode()), dtype=torch.uint8)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        return self._stats
+
+    # ---- 2. memorization signal ------------------------------------------------------------------
+    @torch.no_grad()
+    def noise_diffs(self, pipe, embeds: torch.Tensor, seeds: Sequence[int],
+                    masks: list[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Scaled first-step noise differences ``C x S x c x h x w`` for C candidate masks (or none)."""
+        n_cand = len(masks) if masks else 1
+        e = embeds.expand(n_cand, -1, -1)
+        ctx = per_sample_neuron_masks(pipe.unet, _stack_masks(masks, len(seeds))) if masks else _null()
+        with ctx:
+            out = generate(pipe, prompt_embeds=e, seeds=seeds, guidance_scale=1.0, stop_after=1,
+                           return_noise_preds=True, batch_size=n_cand * len(seeds))
+        eps = out.noise_preds[0][1]
+        x_t = initial_noise(pipe, seeds).repeat(n_cand, 1, 1, 1)
+        return _minmax(eps - x_t).view(n_cand, len(seeds), *eps.shape[1:])
+
+    def _signal(self, pipe, embeds, vanilla, seeds, candidates: list[dict[str, list[int]]]) -> list[float]:
+        masks = [self._bool_masks(pipe, c) for c in candidates]
+        diffs = self.noise_diffs(pipe, embeds, seeds, masks)
+        self._calls += 1
+        self._checks += len(candidates)
+        out = []
+        for d in diffs:
+            out.append(float(_ssim(vanilla, d).max()))
+        return out
+
+    def _bool_masks(self, pipe, sel: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for ref in resolve_layers(pipe.unet, self.layer_group):
+            m = torch.zeros(ref.module.out_features, dtype=torch.bool)
+            idx = sel.get(ref.name, [])
+            if len(idx):
+                m[torch.as_tensor(idx)] = True
+            out[ref.name] = m
+        return out
+
+    # ---- 3 + 4. localization --------------------------------------------------------------------
+    def localize(self, pipe, prompt: str, stats_prompts: Sequence[str] | None = None) -> NeMoResult:
+        """Find the neurons to deactivate for one memorized prompt."""
+        if self._stats is None:
+            if stats_prompts is None:
+                raise ValueError("NeMo needs activation statistics: call fit_statistics(pipe, prompts) first "
+                                 "or pass stats_prompts (non-memorized prompts)")
+            self.fit_statistics(pipe, stats_prompts)
+        self._calls, self._checks, self._speculative = 0, 0, 0
+        embeds = encode_prompts(pipe, [prompt])
+        vanilla_all = self.noise_diffs(pipe, embeds, self.seeds)[0]
+        self._calls += 1
+        max_pair = _max_pairwise(vanilla_all)
+        looked = [s for s, v in zip(self.seeds, max_pair.tolist(), strict=True) if v > self.pairwise_threshold]
+        meta = dict(method="nemo", prompt=prompt, params=self.params(), model=getattr(pipe, "dori_name", None),
+                    max_pairwise_ssim=max_pair.tolist())
+        if not looked:
+            return NeMoResult(Mask("neuron", {}, meta | {"memorized": False}), False,
+                              stats=dict(unet_calls=self._calls))
+        vanilla = vanilla_all[[self.seeds.index(s) for s in looked]]
+        acts = {n: a[0] for n, a in self.activations(pipe, embeds).items()}
+
+        # 3. initial selection: rounds (theta_r, k_r) are fixed in advance, so a batch of rounds is exact
+        # (as the reference code: a failed round lowers theta and raises k; the search stops, without
+        # evaluating it, at the round where theta reaches theta_min or k reaches the layer width)
+        rounds, theta, k = [(self.theta0, self.k0)], self.theta0, self.k0
+        max_k = max(a.numel() for a in acts.values())
+        while True:
+            theta, k = max(self.theta_min, theta - self.theta_step), k + 1
+            if theta <= self.theta_min or k >= max_k:
+                break
+            rounds.append((theta, k))
+        selection, signal, refine_thr = None, None, self.threshold
+        for start in range(0, len(rounds), self.batch_candidates):
+            batch = rounds[start : start + self.batch_candidates]
+            cands = [self._initial(acts, th, kk) for th, kk in batch]
+            sigs = self._signal(pipe, embeds, vanilla, looked, cands)
+            hit = next((j for j, s in enumerate(sigs) if s <= self.threshold), None)
+            if hit is not None:
+                selection, signal = cands[hit], sigs[hit]
+                self._speculative += len(batch) - hit - 1
+                break
+        if selection is None:  # floor reached: refine against the best signal reached (as the reference)
+            selection, signal = cands[-1], sigs[-1]
+            refine_thr = signal
+        initial = {n: list(v) for n, v in selection.items()}
+        initial_signal = signal
+
+        # 4. refinement: layers last to first, then single neurons, greedy in order
+        names = [n for n in reversed(list(selection)) if selection[n]]
+        selection = self._greedy(pipe, embeds, vanilla, looked, selection, [(n, None) for n in names], refine_thr)
+        neuron_cands = [(n, i) for n in reversed(list(selection)) for i in selection[n]]
+        selection = self._greedy(pipe, embeds, vanilla, looked, selection, neuron_cands, refine_thr)
+        final_signal = self._signal(pipe, embeds, vanilla, looked, [selection])[0]
+        stats = dict(unet_calls=self._calls, candidate_checks=self._checks, speculative=self._speculative,
+                     initial_signal=initial_signal, final_signal=final_signal, refine_threshold=refine_thr,
+                     looked_at_seeds=looked, n_initial=sum(map(len, initial.values())),
+                     n_final=sum(map(len, selection.values())))
+        mask = Mask("neuron", {n: v for n, v in selection.items() if v}, meta | {"memorized": True, **stats})
+        return NeMoResult(mask, True, initial, stats)
+
+    def _initial(self, acts: dict[str, torch.Tensor], theta: float, k: int) -> dict[str, list[int]]:
+        sel = {}
+        for n, a in acts.items():
+            mean, std = self._stats[n]
+            z = (a.cpu() - mean.cpu()).abs() / std.cpu().clamp_min(1e-12)
+            idx = set((z > theta).nonzero().flatten().tolist())
+            if k > 0:
+                idx |= set(a.topk(min(k, a.numel())).indices.tolist())
+            sel[n] = sorted(idx)
+        return sel
+
+    def _greedy(self, pipe, embeds, vanilla, looked, selection, candidates, thr) -> dict[str, list[int]]:
+        """Try removing each candidate (a whole layer if index is None) in order; keep the removal when
+        the signal stays below ``thr``. Batched speculation, replayed in order (exactly sequential)."""
+        sel = {n: list(v) for n, v in selection.items()}
+        i = 0
+        while i < len(candidates):
+            batch = candidates[i : i + self.batch_candidates]
+            trials = [_without(sel, c) for c in batch]
+            sigs = self._signal(pipe, embeds, vanilla, looked, trials)
+            hit = next((j for j, s in enumerate(sigs) if s < thr), None)
+            if hit is None:
+                i += len(batch)
+            else:
+                sel = trials[hit]
+                self._speculative += len(batch) - hit - 1
+                i += hit + 1
+        return sel
+
+
+def _without(sel: dict[str, list[int]], cand: tuple[str, int | None]) -> dict[str, list[int]]:
+    name, idx = cand
+    out = {n: list(v) for n, v in sel.items()}
+    out[name] = [] if idx is None else [j for j in out[name] if j != idx]
+    return out
+
+
+def _stack_masks(masks: list[dict[str, torch.Tensor]], repeat: int) -> dict[str, torch.Tensor]:
+    """Candidate masks -> per-sample masks in generate()'s prompt-major order (candidate, seed)."""
+    return {n: torch.stack([m[n] for m in masks]).repeat_interleave(repeat, dim=0) for n in masks[0]}
+
+
+def _weights_digest(pipe, group: str) -> str:
+    h = hashlib.sha1()
+    for ref in resolve_layers(pipe.unet, group):
+        h.update(ref.module.weight.detach().float().cpu().numpy().tobytes()[:4096])
+        h.update(str(tuple(ref.module.weight.shape)).encode())
+    return h.hexdigest()[:12]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.no_grad()
+def max_pairwise_ssim(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+    """NeMo's detection signal per prompt: max over seed pairs of SSIM between scaled first-step noise
+    differences (``P`` values). Memorized prompts give near-identical differences across seeds."""
+    nemo = NeMo(n_seeds=len(seeds), seed=seeds[0])
+    out = []
+    for p in prompts:
+        out.append(_max_pairwise(nemo.noise_diffs(pipe, encode_prompts(pipe, [p]), list(seeds))[0]).max())
+    return torch.stack(out)
+
+
+def _max_pairwise(d: torch.Tensor) -> torch.Tensor:
+    """For ``S`` noise differences: each one's max SSIM to any other (``S`` values)."""
+    s = d.shape[0]
+    pair = _ssim(d[:, None].expand(-1, s, -1, -1, -1).flatten(0, 1), d[None].expand(s, -1, -1, -1, -1).flatten(0, 1))
+    return pair.view(s, s).fill_diagonal_(-1.0).max(dim=1).values
