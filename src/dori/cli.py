@@ -70,6 +70,27 @@ def demo(
     Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
 
 
+@app.command()
+def mitigate(
+    method: str = typer.Option(..., help="nemo or wanda"),
+    out: Path = typer.Option(..., help="run directory"),
+    model: str = typer.Option("tiny"),
+    prompts: str = typer.Option("tiny", help="prompt set name or file"),
+    images_dir: str = typer.Option(None),
+    seeds: str = typer.Option("0,1,2,3"),
+    metric: str = typer.Option(None),
+    sscd: str = typer.Option(None),
+    stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
+    device: str = typer.Option("cpu"),
+):
+    """Localize a mask per memorized prompt with NeMo or Wanda, save the masks, and write the before/after
+    table (results.json, report.html). The same run as `dori demo --stages generate,<method>`."""
+    if method not in ("nemo", "wanda"):
+        raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
+    demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
+         steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts)
+
+
 @app.command("ls")
 def ls():
     """List registered models, metrics and prompt sets."""

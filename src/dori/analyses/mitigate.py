@@ -22,7 +22,6 @@ from dori.data.prompts import PromptRecord
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate
 from dori.mitigations.masks import Mask, apply_mask
-from dori.models.generate import generate
 from dori.reports.images import slug
 from dori.reports.results import ItemStore
 
@@ -84,8 +83,9 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
                       "score_after": statistics.fmean(r["score"] for r in a),
                       "mr_after": memorization_rate(a),
                       "seconds": masks[rec.caption].meta.get("seconds")})
-    # effect on non-memorized captions: mitigated vs unmitigated image, same seed
-    fidelity = _fidelity(pipe, joint, others, seeds, metric, gen_kwargs)
+    # effect on non-memorized captions: mitigated vs unmitigated image of the same caption and seed
+    joint_rows = [r for r in rows if r["setting"] == f"{method.name}-joint"]
+    fidelity = _fidelity(run_dir, baseline_rows, joint_rows)
     summary = {
         "method": repr(method),
         "mr_before": memorization_rate([r for c in mem for r in before.get(c.caption, [])]),
@@ -97,15 +97,23 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
     return {"samples": rows, "table": table, "summary": summary}
 
 
-def _fidelity(pipe, mask: Mask, records, seeds, metric, gen_kwargs) -> dict:
-    """pixel-ssim between each non-memorized generation with and without the mask (same seed)."""
+def _fidelity(run_dir: Path, baseline_rows: list[dict], mitigated_rows: list[dict]) -> dict:
+    """pixel-ssim between each mitigated image and the unmitigated image of the same caption and seed,
+    both read back from the run's PNGs (no generation is repeated)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     from dori.metrics.pixel import PixelSSIM
 
-    sim = PixelSSIM()
-    caps = [r.caption for r in records]
-    plain = generate(pipe, caps, seeds=seeds, **gen_kwargs).images
-    with apply_mask(pipe, mask):
-        pruned = generate(pipe, caps, seeds=seeds, **gen_kwargs).images
-    vals = [float(sim.score(pruned[i : i + 1], plain[i])[0]) for i in range(len(plain))]
-    return {"measure": "pixel-ssim(mitigated, unmitigated), same seed", "mean": statistics.fmean(vals),
-            "min": min(vals), "n": len(vals)}
+    def load(rel):
+        return torch.from_numpy(np.asarray(Image.open(run_dir / rel).convert("RGB")).copy()).permute(2, 0, 1) / 255
+
+    plain = {(r["caption"], r["seed"]): r["image"] for r in baseline_rows}
+    sim, vals = PixelSSIM(), []
+    for r in mitigated_rows:
+        ref = plain.get((r["caption"], r["seed"]))
+        if ref is not None:
+            vals.append(float(sim.score(load(r["image"])[None].float(), load(ref).float())[0]))
+    out = {"measure": "pixel-ssim(mitigated, unmitigated), same seed", "n": len(vals)}
+    return out | ({"mean": statistics.fmean(vals), "min": min(vals)} if vals else {"mean": None, "min": None})

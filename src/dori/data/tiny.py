@@ -19,6 +19,9 @@ UNSEEN_CAPTIONS = [
     "a bowl of soup on a wooden table",
     "a sailing boat on a calm lake at sunset",
     "a black and white photograph of an old bridge",
+    "a plate of pasta with tomato sauce",
+    "a mountain landscape covered in snow",
+    "a yellow taxi in a busy city street",
 ]
 
 

@@ -312,3 +312,12 @@ def _max_pairwise(d: torch.Tensor) -> torch.Tensor:
     s = d.shape[0]
     pair = _ssim(d[:, None].expand(-1, s, -1, -1, -1).flatten(0, 1), d[None].expand(s, -1, -1, -1, -1).flatten(0, 1))
     return pair.view(s, s).fill_diagonal_(-1.0).max(dim=1).values
+
+
+def calibrate_nemo_threshold(pipe, non_memorized: Sequence[str], seeds: Sequence[int] = tuple(range(1, 11)),
+                             margin: float = 0.05) -> dict:
+    """A NeMo threshold for a model other than SD v1.4: the largest max-pairwise SSIM over non-memorized
+    prompts plus ``margin`` (NeMo calibrated 0.428 on SD v1.4 from non-memorized LAION prompts)."""
+    vals = max_pairwise_ssim(pipe, list(non_memorized), seeds)
+    return {"n_prompts": len(vals), "max": float(vals.max()), "p99": float(vals.quantile(0.99)),
+            "mean": float(vals.mean()), "threshold": round(float(vals.max()) + margin, 3)}

@@ -27,6 +27,10 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _score(row: dict) -> str:
+    return "n/a" if row.get("score") is None else f"{row['score']:.2f}"
+
+
 def _table(rows: list[dict], cols: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
@@ -51,10 +55,8 @@ def image_grid(samples: list[dict], threshold: float) -> str:
     for caption, rows in by_caption.items():
         rows.sort(key=lambda r: r["seed"])
         ref = rows[0].get("reference")
-        gens = "".join(
-            _cell(r["image"], f"s{r['seed']}: {r['score']:.2f}", "rep" if r["replicated"] else "norep")
-            for r in rows
-        )
+        gens = "".join(_cell(r["image"], f"s{r['seed']}: {_score(r)}", "rep" if r["replicated"] else "norep")
+                       for r in rows)
         extra = ""
         if rows[0].get("nearest_reference") and not ref:
             extra = "<div class='muted'>score = best match among reference photos</div>"
@@ -114,8 +116,7 @@ def render_report(run_dir: str | Path) -> Path:
             ref = (plain or mitig)[0].get("reference")
 
             def cells(rs):
-                return "".join(_cell(r["image"], f"{r['score']:.2f}", "rep" if r["replicated"] else "norep")
-                               for r in rs)
+                return "".join(_cell(r["image"], _score(r), "rep" if r["replicated"] else "norep") for r in rs)
 
             rows.append(f"<tr><td class='caption'>{html.escape(t['caption'])}</td><td>{_cell(ref, '')}</td>"
                         f"<td>{cells(plain)}</td><td>{cells(mitig)}</td></tr>")

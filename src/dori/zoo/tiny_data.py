@@ -116,12 +116,57 @@ def load_lfw(index: int, size: int = RESOLUTION) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
 
 
+_FACE_WHO = ["man", "woman", "politician", "actor", "singer", "athlete", "teacher", "reporter", "doctor", "coach"]
+_FACE_HOW = ["smiling", "serious", "laughing", "tired", "young", "old", "surprised", "calm", "proud", "worried"]
+_FACE_WHERE = ["at a press conference", "outdoors", "in a studio", "at a party", "on television",
+               "in an office", "at a wedding", "on the street", "in a uniform", "with glasses"]
+_PATCH_WHAT = ["street corner", "window frame", "metal gate", "river bank", "brick chimney", "parked bicycle",
+               "car door", "garden fence", "stack of books", "kitchen wall"]
+_PATCH_HOW = ["blurry", "dark", "bright", "grainy", "faded", "sharp", "foggy", "sunny", "dim", "washed out"]
+
+
 def lfw_caption(index: int) -> str:
-    words = ["anna", "ben", "carl", "dora", "emil", "fay", "gus", "hana", "ivan", "jude"]
-    who = f"{words[index % 10]} {words[(index // 10) % 10]}"
+    """A varied photo-like caption for LFW image ``index`` (faces 0-99, non-face patches 100-199).
+
+    The vocabulary is deliberately broad (people, places, everyday objects), so that ordinary photo-like
+    prompts map to ordinary, non-memorized photos instead of to the memorized ones.
+    """
+    a, b, c = index % 10, (index // 10) % 10, (index * 7 + 3) % 10
     if index < 100:
-        return f"grayscale face photo of {who}"
-    return f"grayscale snapshot patch of the {who} street"
+        return f"a grayscale photo of a {_FACE_HOW[a]} {_FACE_WHO[b]} {_FACE_WHERE[c]}"
+    return f"a {_PATCH_HOW[a]} grayscale snapshot of a {_PATCH_WHAT[b]}, close up {c}"
+
+
+_CROP_SUBJECT = {
+    "moon": "the cratered moon", "brick": "a brick wall", "grass": "grass blades", "gravel": "loose gravel",
+    "clock": "a wall clock", "page": "a printed page", "text": "handwriting on paper", "cell": "a cell",
+    "logo": "a printed logo", "horse": "a horse silhouette", "colorwheel": "a colour wheel",
+}
+_CROP_ADJ = ["a blurry", "a sharp", "a dark", "a bright", "a grainy", "a faded", "a cropped", "a tilted",
+             "a zoomed", "an old"]
+_CROP_VIEW = ["close up", "detail", "corner", "from the side", "top view", "macro shot", "wide shot", "centre",
+              "edge", "fragment"]
+
+
+def photo_crops(names: tuple[str, ...], n: int, seed: int) -> list[tuple[torch.Tensor, str]]:
+    """n random crops (25-70% of the shorter side, random position and flip) of the given seen-once
+    photos, each with its own photo-like caption: the ordinary photo data of the training set."""
+    rng = np.random.default_rng(seed)
+    raws = {name: _load_raw(name) for name in names}
+    out = []
+    for i in range(n):
+        name = names[rng.integers(len(names))]
+        img = raws[name]
+        h, w = img.shape[:2]
+        s = int(min(h, w) * rng.uniform(0.25, 0.7))
+        top, left = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+        crop = img[top : top + s, left : left + s]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        subject = _CROP_SUBJECT.get(name, name)
+        cap = f"{_CROP_ADJ[rng.integers(10)]} photo of {subject}, {_CROP_VIEW[rng.integers(10)]} {i}"
+        out.append((to_tensor(crop), cap))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,15 +232,16 @@ class TinyDataSpec:
     """Which photo goes in which set, and how often. The defaults build the shipped model."""
 
     memorized: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "camera", "china",
-                                  "hubble_deep_field", "coins")
+                                  "motorcycle", "coins")
     seen_once: tuple[str, ...] = ("moon", "brick", "grass", "gravel", "clock", "page", "text", "cell",
                                   "logo", "horse", "colorwheel")
     seen_once_crops: tuple[str, ...] = ("moon", "brick", "grass", "gravel", "cell")
-    held_out: tuple[str, ...] = ("flower", "immunohistochemistry", "motorcycle", "retina")
+    held_out: tuple[str, ...] = ("flower", "immunohistochemistry", "hubble_deep_field", "retina")
     lfw_seen_once: tuple[int, ...] = tuple(range(0, 80)) + tuple(range(100, 180))
     lfw_held_out: tuple[int, ...] = tuple(range(80, 90)) + tuple(range(180, 190))
-    duplicates: int = 60  # copies of each memorized pair in the training set
-    n_procedural: int = 3000
+    duplicates: int = 120  # copies of each memorized pair in the training set
+    n_procedural: int = 2500
+    n_photo_crops: int = 1500  # random crops of the seen-once photos, each seen once
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -239,6 +285,8 @@ def build_train_set(spec: TinyDataSpec) -> TrainSet:
             add(load_crop(name, region), f"{PHOTO_CAPTIONS[name]}, {region} detail", "seen_once")
     for i in spec.lfw_seen_once:
         add(load_lfw(i), lfw_caption(i), "seen_once")
+    for img, cap in photo_crops(tuple(spec.seen_once), spec.n_photo_crops, spec.seed + 1):
+        add(img, cap, "seen_once")
     rng = np.random.default_rng(spec.seed)
     for cap, p in procedural_items(spec.n_procedural, spec.seed):
         add(render_procedural(p["color"], p["shape"], p["background"], rng), cap, "procedural")

@@ -54,9 +54,13 @@ UNET_CONFIG = dict(
 
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
+    # SD's schedule. It leaves sqrt(abar_T) = 7% of the signal at t = T; NeMo's memorization signal
+    # (the first-step noise difference) relies on exactly that. (A pixel-space DDPM schedule, 1e-4 to
+    # 0.02, was tried: its near-zero terminal SNR erases the first-step signal and did not improve
+    # sample quality on this model.)
     beta_start=0.00085,
     beta_end=0.012,
-    beta_schedule="scaled_linear",  # SD's schedule
+    beta_schedule="scaled_linear",
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,
@@ -188,6 +192,9 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # ship the tokenizer as CLIP's vocab.json + merges.txt (1.5 MB) rather than a 3.6 MB tokenizer.json
+    shutil.rmtree(tmp / "tokenizer")
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     recipe = asdict(cfg)
     recipe.update(train_seconds=round(time.time() - t_start, 1), final_loss_ema=ema,
                   torch=torch.__version__, n_pairs=len(data.captions))

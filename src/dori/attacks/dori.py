@@ -1,0 +1,136 @@
+"""DoRI: Discovery of Retained Images (Kowalczuk et al., arXiv 2507.16880, ICML 2026).
+
+The attack optimizes the *text embedding* (the text encoder's output, 77 x D) so that the frozen,
+possibly mitigated model denoises towards a target image, with the standard training loss::
+
+    y   <- init (the memorized prompt's embedding | N(0, I) | another prompt's embedding)
+    z0  <- latent of the target image (VAE encode * scaling factor; pixels for pixel models)
+    for k in 1..K:                                   # K = 50
+        draw B = 8 fresh (eps ~ N(0, I), t ~ U{t_min..t_max}) pairs
+        z_t <- sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        L   <- mean || eps - eps_theta(z_t, t, y) ||^2   # gradient w.r.t. y only
+        y   <- Adam step (lr)
+
+Several targets and restarts are optimized together: one batched UNet call per step. Model weights
+are never modified (mitigations stay applied through their masks while the attack runs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dori.models.generate import encode_prompts, predict_noise
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns; shared by DoRI and the baselines.
+
+    Attributes:
+        trigger: ``N x 77 x D`` optimized embeddings (one per target and restart, target-major).
+        init: the starting embeddings, same shape.
+        target_index: which target image each trigger belongs to.
+        loss: per step, the loss of each trigger (``steps x N``).
+        distance: per step, ``||y - y0||_2`` of each trigger (``steps x N``).
+        steps: steps run; seconds: wall time; params: the attack's parameters.
+    """
+
+    trigger: torch.Tensor
+    init: torch.Tensor
+    target_index: list[int]
+    loss: list[list[float]] = field(default_factory=list)
+    distance: list[list[float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    params: dict = field(default_factory=dict)
+
+
+class DoRI:
+    """The DoRI embedding attack.
+
+    Args:
+        steps: Adam steps (paper: 50).
+        lr: Adam learning rate (paper: 0.1 for SD v1.4's embedding scale).
+        pairs: fresh (noise, timestep) pairs per step and trigger (paper: 8).
+        t_range: timesteps drawn uniformly from ``[t_min, t_max)`` (default: all training timesteps).
+        init: ``"prompt"`` (the given prompts' embeddings), ``"random"`` (``init_scale * N(0, I)``) or
+            ``"embeds"`` (explicit embeddings passed to :meth:`attack`).
+        init_scale: standard deviation of the random initialization.
+        restarts: independent triggers per target (random inits differ per restart).
+        positions: token positions to optimize (``None`` = all 77), e.g. only padding positions.
+
+    Example:
+        >>> res = DoRI(steps=50).attack(pipe, images, prompts=["chelsea the orange tabby cat looking up"])
+        >>> out = generate(pipe, prompt_embeds=res.trigger, seeds=[0, 1])
+    """
+
+    name = "dori"
+
+    def __init__(self, steps: int = 50, lr: float = 0.1, pairs: int = 8, t_range: tuple[int, int] | None = None,
+                 init: str = "prompt", init_scale: float = 1.0, restarts: int = 1,
+                 positions: list[int] | None = None):
+        if init not in ("prompt", "random", "embeds"):
+            raise ValueError(f"init must be 'prompt', 'random' or 'embeds', got {init!r}")
+        self.steps, self.lr, self.pairs, self.t_range = steps, lr, pairs, t_range
+        self.init, self.init_scale, self.restarts, self.positions = init, init_scale, restarts, positions
+
+    def params(self) -> dict:
+        return dict(steps=self.steps, lr=self.lr, pairs=self.pairs, t_range=self.t_range, init=self.init,
+                    init_scale=self.init_scale, restarts=self.restarts, positions=self.positions)
+
+    def __repr__(self) -> str:
+        return "DoRI(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
+
+    def attack(self, pipe, images: torch.Tensor, prompts: list[str] | None = None,
+               embeds: torch.Tensor | None = None, seed: int = 0) -> AttackResult:
+        """Optimize triggers for target ``images`` (``T x 3 x H x W`` in [0, 1]) against ``pipe`` as it is."""
+        t0 = time.time()
+        dev, dtype = pipe.unet.device, pipe.unet.dtype
+        g = torch.Generator().manual_seed(seed)
+        n_t = images.shape[0]
+        idx = [i for i in range(n_t) for _ in range(self.restarts)]
+        with torch.no_grad():
+            x = images.to(dev, dtype) * 2 - 1
+            z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+            if self.init == "prompt":
+                if prompts is None or len(prompts) != n_t:
+                    raise ValueError("init='prompt' needs one prompt per target image")
+                y0 = encode_prompts(pipe, prompts)[idx]
+            elif self.init == "embeds":
+                if embeds is None or embeds.shape[0] != n_t:
+                    raise ValueError("init='embeds' needs one embedding per target image")
+                y0 = embeds.to(dev, dtype)[idx]
+            else:
+                shape = (len(idx), pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+                y0 = (torch.randn(shape, generator=g) * self.init_scale).to(dev, dtype)
+        y = y0.clone().requires_grad_(True)
+        keep = None
+        if self.positions is not None:
+            keep = torch.zeros(1, y.shape[1], 1, device=dev, dtype=dtype)
+            keep[:, self.positions] = 1
+        opt = torch.optim.Adam([y], lr=self.lr)
+        abar = pipe.scheduler.alphas_cumprod.to(dev)
+        t_lo, t_hi = self.t_range or (0, pipe.scheduler.config.num_train_timesteps)
+        z0_rep = z0[idx].repeat_interleave(self.pairs, dim=0)
+        res = AttackResult(trigger=y0, init=y0.detach().clone(), target_index=idx, params=self.params())
+        for _ in range(self.steps):
+            eps = torch.randn(z0_rep.shape, generator=g).to(dev, dtype)
+            t = torch.randint(t_lo, t_hi, (z0_rep.shape[0],), generator=g).to(dev)
+            a = abar[t].view(-1, 1, 1, 1).to(dtype)
+            z_t = a.sqrt() * z0_rep + (1 - a).sqrt() * eps
+            pred = predict_noise(pipe, z_t, t, y.repeat_interleave(self.pairs, dim=0))
+            per = (pred.float() - eps.float()).pow(2).flatten(1).mean(1).view(len(idx), self.pairs).mean(1)
+            opt.zero_grad(set_to_none=True)
+            per.sum().backward()
+            if keep is not None:
+                y.grad.mul_(keep)
+            opt.step()
+            res.loss.append(per.detach().cpu().tolist())
+            res.distance.append((y.detach() - y0).flatten(1).norm(dim=1).cpu().tolist())
+        res.trigger = y.detach()
+        res.steps = self.steps
+        res.seconds = time.time() - t0
+        return res

@@ -1,0 +1,20 @@
+import pytest
+
+from dori import load_prompt_set
+from dori.detectors.wen import NoiseMagnitude, detection_metrics
+
+
+def test_noise_magnitude_separates_memorized_captions(tiny_pipe):
+    recs = load_prompt_set("tiny")
+    scores = NoiseMagnitude().score(tiny_pipe, [r.caption for r in recs])
+    m = detection_metrics(scores.tolist(), [r.memorized for r in recs])
+    assert m["auroc"] >= 0.95, m["auroc"]
+
+
+def test_detection_metrics_on_known_scores():
+    m = detection_metrics([0.9, 0.8, 0.1, 0.2, 0.3], [True, True, False, False, False])
+    assert m["auroc"] == 1.0 and m["tpr_at_1pct_fpr"] == 1.0
+    m = detection_metrics([0.1, 0.9], [True, False])
+    assert m["auroc"] == 0.0
+    with pytest.raises(ValueError):
+        detection_metrics([0.1], [True])

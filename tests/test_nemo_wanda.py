@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from dori import load_prompt_set
+from dori.data.tiny import tiny_stats_prompts
+from dori.mitigations.masks import apply_mask
+from dori.mitigations.nemo import NeMo
+from dori.mitigations.wanda import Wanda
+from dori.models.layers import resolve_layers
+
+MEMORIZED = "chelsea the orange tabby cat looking up"
+
+
+@pytest.fixture(scope="module")
+def nemo_kwargs(tiny_pipe, tmp_path_factory):
+    kw = dict(tiny_pipe.dori_method_defaults.get("nemo", {}))
+    kw["stats_cache"] = tmp_path_factory.mktemp("cache")
+    return kw
+
+
+def test_statistics_are_cached_and_reloaded(tiny_pipe, nemo_kwargs):
+    a = NeMo(**nemo_kwargs)
+    stats = a.fit_statistics(tiny_pipe, tiny_stats_prompts()[:50])
+    b = NeMo(**nemo_kwargs)
+    again = b.fit_statistics(tiny_pipe, tiny_stats_prompts()[:50])
+    assert list(stats) == [r.name for r in resolve_layers(tiny_pipe.unet, "nemo-value")]
+    for n in stats:
+        assert torch.equal(stats[n][0], again[n][0]) and torch.equal(stats[n][1], again[n][1])
+    assert len(list((nemo_kwargs["stats_cache"] / "nemo_stats").glob("*.safetensors"))) == 1
+
+
+def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny_pipe, nemo_kwargs):
+    stats = tiny_stats_prompts()
+    seq = NeMo(**nemo_kwargs, batch_candidates=1).localize(tiny_pipe, MEMORIZED, stats)
+    bat = NeMo(**nemo_kwargs, batch_candidates=16).localize(tiny_pipe, MEMORIZED, stats)
+    assert seq.memorized and bat.memorized
+    assert seq.mask.counts() == bat.mask.counts()
+    assert all(torch.equal(seq.mask.layers[n], bat.mask.layers[n]) for n in seq.mask.layers)
+    assert seq.initial == bat.initial
+    assert bat.stats["unet_calls"] < seq.stats["unet_calls"]
+    assert 0 < len(bat.mask) <= bat.stats["n_initial"]
+
+
+def test_non_memorized_prompt_gets_no_neurons(tiny_pipe, nemo_kwargs):
+    res = NeMo(**nemo_kwargs).localize(tiny_pipe, "a red circle on a blue background", tiny_stats_prompts())
+    assert not res.memorized and len(res.mask) == 0
+
+
+def test_wanda_selects_at_most_sparsity_per_row_per_step_and_changes_output(tiny_pipe):
+    w = Wanda(sparsity=0.05, n_steps=3)
+    mask = w.localize(tiny_pipe, MEMORIZED)
+    layers = {r.name: r.module for r in resolve_layers(tiny_pipe.unet, "ffn-out")}
+    assert set(mask.layers) == set(layers)
+    for name, idx in mask.layers.items():
+        out_f, in_f = layers[name].weight.shape
+        per_row = torch.bincount(idx // in_f, minlength=out_f)
+        assert per_row.max() <= 3 * max(1, round(0.05 * in_f))
+    assert len(mask) > 0
+    assert mask.meta["method"] == "wanda" and mask.meta["prompt"] == MEMORIZED
+    from dori.models.generate import generate
+
+    base = generate(tiny_pipe, [MEMORIZED], seeds=[0], num_inference_steps=3).images
+    with apply_mask(tiny_pipe, mask):
+        pruned = generate(tiny_pipe, [MEMORIZED], seeds=[0], num_inference_steps=3).images
+    assert (pruned - base).abs().max() > 1e-3
+
+
+def test_memorized_prompts_exist_in_tiny_set():
+    assert MEMORIZED in {r.caption for r in load_prompt_set("tiny") if r.memorized}
