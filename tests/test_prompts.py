@@ -25,7 +25,7 @@ def test_nemo_csv_with_one_image_on_disk_and_one_dead_link(tmp_path):
     assert recs[0].reference_status == "ok" and recs[0].memorized
     assert recs[1].reference_status == "missing" and "23" in recs[1].meta["missing_reason"]
     img = load_reference(recs[0])
-    assert img.shape == (3, 10, 20) and img[0].min() == 1.0
+    assert img.shape == (3, 10, 20) and img[0].min() > 0.9 and img[2].max() < 0.1  # red, JPEG-compressed
     with pytest.raises(DoriError, match="no reference image"):
         load_reference(recs[1])  # never a blank image
 

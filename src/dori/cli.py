@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="dori: does this diffusion model still retain its memorized training images?")
 zoo = typer.Typer(no_args_is_help=True, help="Build the embedded tiny model and its pieces.")
 app.add_typer(zoo, name="zoo")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -38,7 +38,7 @@ def demo(
     steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
     guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
     device: str = typer.Option("cpu"),
-    stages: str = typer.Option("generate,detect,nemo,wanda", help="comma-separated stages to run"),
+    stages: str = typer.Option("generate,detect,wanda", help="comma-separated stages: generate, detect, nemo, wanda"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
@@ -164,7 +164,7 @@ def main() -> None:
     try:
         app()
     except DoriError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
 
 

@@ -75,6 +75,7 @@ class Mask:
         path = Path(path)
         base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
         tensors = {f"layer{i}": v.contiguous() for i, v in enumerate(self.layers.values())}
+        base.parent.mkdir(parents=True, exist_ok=True)
         tmp = base.with_name(base.name + ".tmp.safetensors")
         save_file(tensors, str(tmp))
         tmp.replace(base.with_suffix(".safetensors"))
