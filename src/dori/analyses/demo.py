@@ -106,7 +106,7 @@ def aggregate(samples: list[dict]) -> dict:
 
 
 def procedural_accuracy(samples: list[dict]) -> dict | None:
-    rows = [s["procedural"] for s in samples if "procedural" in s]
+    rows = [s["procedural"] for s in samples if "procedural" in s and s["setting"] == "none"]
     if not rows:
         return None
     return {f"{k}_accuracy": sum(r[f"{k}_ok"] for r in rows) / len(rows)
