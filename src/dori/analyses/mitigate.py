@@ -100,14 +100,11 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
 def _fidelity(run_dir: Path, baseline_rows: list[dict], mitigated_rows: list[dict]) -> dict:
     """pixel-ssim between each mitigated image and the unmitigated image of the same caption and seed,
     both read back from the run's PNGs (no generation is repeated)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
+    from dori.data.prompts import load_image
     from dori.metrics.pixel import PixelSSIM
 
     def load(rel):
-        return torch.from_numpy(np.asarray(Image.open(run_dir / rel).convert("RGB")).copy()).permute(2, 0, 1) / 255
+        return load_image(run_dir / rel)
 
     plain = {(r["caption"], r["seed"]): r["image"] for r in baseline_rows}
     sim, vals = PixelSSIM(), []

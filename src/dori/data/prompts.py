@@ -69,10 +69,15 @@ def load_reference(record: PromptRecord) -> torch.Tensor:
         from dori.zoo.tiny_data import load_reference_uri
 
         return load_reference_uri(record.reference)
+    return load_image(record.reference)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file as ``3 x H x W`` float in [0, 1] (RGB)."""
     import numpy as np
     from PIL import Image
 
-    img = np.asarray(Image.open(record.reference).convert("RGB"))
+    img = np.asarray(Image.open(path).convert("RGB"))
     return torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
 
 

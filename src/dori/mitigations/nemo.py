@@ -32,6 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,7 +150,7 @@ class NeMo:
         """Scaled first-step noise differences ``C x S x c x h x w`` for C candidate masks (or none)."""
         n_cand = len(masks) if masks else 1
         e = embeds.expand(n_cand, -1, -1)
-        ctx = per_sample_neuron_masks(pipe.unet, _stack_masks(masks, len(seeds))) if masks else _null()
+        ctx = per_sample_neuron_masks(pipe.unet, _stack_masks(masks, len(seeds))) if masks else nullcontext()
         with ctx:
             out = generate(pipe, prompt_embeds=e, seeds=seeds, guidance_scale=1.0, stop_after=1,
                            return_noise_preds=True, batch_size=n_cand * len(seeds))
@@ -286,14 +287,6 @@ def _weights_digest(pipe, group: str) -> str:
         h.update(ref.module.weight.detach().float().cpu().numpy().tobytes()[:4096])
         h.update(str(tuple(ref.module.weight.shape)).encode())
     return h.hexdigest()[:12]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ Which photo goes in which set is a parameter (:class:`TinyDataSpec`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ def load_crop(name: str, region: str, size: int = RESOLUTION) -> torch.Tensor:
     h, w = img.shape[:2]
     s = min(h, w) // 2
     fx, fy = _CROPS[region]
-    left, top = int(fx * (w - s) * 2 / 1), int(fy * (h - s) * 2 / 1)
+    left, top = int(fx * (w - s) * 2), int(fy * (h - s) * 2)
     left, top = min(left, w - s), min(top, h - s)
     return to_tensor(img[top : top + s, left : left + s], size)
 
@@ -243,7 +243,6 @@ class TinyDataSpec:
     n_procedural: int = 2500
     n_photo_crops: int = 1500  # random crops of the seen-once photos, each seen once
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         sets = [set(self.memorized), set(self.seen_once) | set(self.seen_once_crops), set(self.held_out)]
