@@ -19,11 +19,11 @@ app.add_typer(zoo, name="zoo")
 console = Console(stderr=True, soft_wrap=True)
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def _seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise DoriError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise DoriError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 @app.command()
@@ -38,17 +38,27 @@ def demo(
     steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
     guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
     device: str = typer.Option("cpu"),
-    stages: str = typer.Option("generate,detect,wanda", help="comma-separated stages: generate, detect, nemo, wanda"),
+    stages: str = typer.Option("generate,detect,wanda,bypass",
+                               help="comma-separated stages: generate, detect, nemo, wanda, bypass"),
+    budgets: str = typer.Option("0,10,50", help="DoRI budgets (steps) of the bypass stage's cost curve"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
-    them with NeMo and Wanda; write results.json and report.html."""
+    them (Wanda; NeMo with --stages), attack the mitigation with DoRI; write results.json and report.html."""
     from dori.analyses.demo import run_demo
 
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
-                   images_dir=images_dir, stages=[s.strip() for s in stages.split(",") if s.strip()],
-                   stats_prompts=stats_prompts)
+                   images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
+                   budgets=_seeds(budgets, "--budgets"))
+    _print_results(res, out)
+
+
+def _list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _print_results(res: dict, out: Path) -> None:
     table = Table(title=f"replication ({res['metric']['name']}, threshold {res['metric']['threshold']})")
     for col in ("stage/setting/kind", "images", "score mean ± std", "MR"):
         table.add_column(col)
@@ -67,7 +77,58 @@ def demo(
         fid = sm["non_memorized_similarity_to_unmitigated"]
         Console().print(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
                         f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {fid['mean']:.2f}")
+    if "bypass" in res:
+        b = res["bypass"]
+        table = Table(title=f"bypass benchmark: {b['attack']}")
+        for col in ("setting", "images", "MR", "MR any seed", "score mean ± std"):
+            table.add_column(col)
+        for r in b["table"]:
+            table.add_row(r["setting"], str(r["n_images"]), f"{r['mr']:.2f}", f"{r['mr_any_seed']:.2f}",
+                          f"{r['score_mean']:.3f} ± {r['score_std']:.3f}")
+        Console().print(table)
+        for label, c in b["curves"].items():
+            Console().print(f"MR vs steps, {label}: " + ", ".join(f"{s}: {v:.2f}" for s, v in
+                                                                 zip(c["budget"], c["mr"], strict=True)))
+        t = b["timing"]
+        if t["n"]:
+            Console().print(f"attack time per target image: {t['mean_seconds_per_image']:.1f} s (n={t['n']})")
     Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
+
+
+@app.command()
+def attack(
+    out: Path = typer.Option(..., help="run directory"),
+    mitigation: str = typer.Option("wanda", help="comma-separated: nemo, wanda; 'none' attacks the model as it "
+                                                "is (e.g. a fine-tuned model)"),
+    model: str = typer.Option("tiny"),
+    prompts: str = typer.Option("tiny", help="prompt set name or file"),
+    images_dir: str = typer.Option(None),
+    seeds: str = typer.Option("0,1,2,3"),
+    budgets: str = typer.Option("0,1,10,25,50", help="cost-curve ladder of attack steps"),
+    lr: float = typer.Option(None, help="Adam learning rate (default: the model's setting)"),
+    pairs: int = typer.Option(None, help="(noise, timestep) pairs per step (default 8)"),
+    restarts: int = typer.Option(None, help="independent triggers per target; the lowest final loss is kept"),
+    init: str = typer.Option(None, help="prompt (default), random"),
+    control: int = typer.Option(None, help="control photos per kind (seen-once, held-out); default: all"),
+    metric: str = typer.Option(None),
+    sscd: str = typer.Option(None),
+    stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
+    device: str = typer.Option("cpu"),
+):
+    """The bypass benchmark: mitigate, then attack each memorized image with DoRI through the mitigation;
+    the non-memorized control is attacked with the same budget on the unmitigated model."""
+    from dori.analyses.demo import run_demo
+
+    mits = [m for m in _list(mitigation) if m != "none"]
+    bad = set(mits) - {"nemo", "wanda"}
+    if bad:
+        raise DoriError(f"--mitigation takes nemo, wanda or none, got {sorted(bad)}")
+    overrides = {k: v for k, v in dict(lr=lr, pairs=pairs, restarts=restarts, init=init).items() if v is not None}
+    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric, sscd_path=sscd,
+                   device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
+                   stats_prompts=stats_prompts, attack=overrides, budgets=_seeds(budgets, "--budgets"),
+                   control_per_kind=control, command="dori attack")
+    _print_results(res, out)
 
 
 @app.command()
@@ -88,7 +149,8 @@ def mitigate(
     if method not in ("nemo", "wanda"):
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
-         steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts)
+         steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts,
+         budgets="0")
 
 
 @app.command("ls")

@@ -19,9 +19,9 @@ from dori.reports.results import SCHEMA_VERSION, ItemStore, manifest, write_json
 log = logging.getLogger(__name__)
 
 DEMO_SEEDS = (0, 1, 2, 3)
-STAGES = ("generate", "detect", "nemo", "wanda")
+STAGES = ("generate", "detect", "nemo", "wanda", "bypass")
 # NeMo's refinement takes minutes per prompt on 2 CPU cores, so the default demo leaves it out
-DEFAULT_STAGES = ("generate", "detect", "wanda")
+DEFAULT_STAGES = ("generate", "detect", "wanda", "bypass")
 
 
 def run_detection(pipe, records, store: ItemStore) -> dict:
@@ -63,6 +63,13 @@ def make_method(name: str, pipe, stats_prompts: str | None):
                         "--stats-prompts FILE (e.g. NeMo's unmemorized_laion_prompts.csv or a .txt)")
     nemo.fit_statistics(pipe, prompts)
     return nemo
+
+
+def make_attack(pipe, overrides: dict | None = None):
+    """DoRI with the model's shipped settings (``dori_defaults.json`` "methods" -> "dori"), then overrides."""
+    from dori.attacks.dori import DoRI
+
+    return DoRI(**{**pipe.dori_method_defaults.get("dori", {}), **(overrides or {})})
 
 
 def roc_plot(det: dict, path: Path) -> None:
@@ -158,18 +165,30 @@ def run_demo(
     images_dir: str | None = None,
     stages: Sequence[str] = DEFAULT_STAGES,
     stats_prompts: str | None = None,
+    attack: dict | None = None,
+    budgets: Sequence[int] = (0, 10, 50),
+    control_per_kind: int | None = 2,
+    command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
-    A killed run started again with the same arguments reuses the captions it had finished.
+    Stages: ``generate`` (every caption x seeds), ``detect`` (noise magnitude, ROC), ``nemo`` /
+    ``wanda`` (a mask per memorized caption, before/after table), ``bypass`` (DoRI against each
+    mitigation run in this call, or against the model as it is when none is, with the non-memorized
+    control: ``control_per_kind`` seen-once and held-out photos, None = all).
+    ``attack`` overrides DoRI's parameters (default: the model's shipped settings); ``budgets`` is the
+    cost-curve ladder (the attack runs ``max(budgets)`` steps).
+
+    A killed run started again with the same arguments reuses the items it had finished.
     """
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
-                  stages=list(stages), stats_prompts=stats_prompts)
-    man = manifest("dori demo", config, seeds)
+                  stages=list(stages), stats_prompts=stats_prompts, attack=attack, budgets=list(budgets),
+                  control_per_kind=control_per_kind)
+    man = manifest(command, config, seeds)
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
@@ -206,7 +225,21 @@ def run_demo(
             method = make_method(name, pipe, stats_prompts)
             res = run_mitigation(pipe, method, records, seeds, m, out, gen, samples)
             samples += res["samples"]
-            mitigations[name] = {"summary": res["summary"], "table": res["table"]}
+            mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
+    if "bypass" in stages:
+        from dori.analyses.bypass import bypass_table, control_records, plot_bypass, run_bypass, trigger_seconds
+
+        dori = make_attack(pipe, attack)
+        config["resolved_attack"] = dori.params()
+        masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
+        rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
+                          control=control_records(records, control_per_kind))
+        samples += rows
+        results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori),
+                                                              "timing": trigger_seconds(out)}
+        results["plots"] += plot_bypass(results["bypass"], samples, m.threshold, out / "plots")
+    for mres in mitigations.values():
+        del mres["masks"]  # saved under masks/; results.json keeps the tables
     if mitigations:
         results["mitigations"] = mitigations
     results["aggregates"] = aggregate(samples)

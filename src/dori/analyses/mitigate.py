@@ -48,7 +48,7 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path)
 def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequence[int],
                    metric: ReplicationMetric, run_dir: str | Path, gen_kwargs: dict,
                    baseline_rows: list[dict]) -> dict:
-    """Localize per memorized prompt, evaluate, and return ``{"samples", "table", "summary"}``."""
+    """Localize per memorized prompt, evaluate, and return ``{"samples", "table", "summary", "masks"}``."""
     run_dir = Path(run_dir)
     store = ItemStore(run_dir)
     mem = [r for r in records if r.memorized and r.reference_status == "ok"]
@@ -94,7 +94,7 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
         "joint_mask_counts": joint.counts(),
         "non_memorized_similarity_to_unmitigated": fidelity,
     }
-    return {"samples": rows, "table": table, "summary": summary}
+    return {"samples": rows, "table": table, "summary": summary, "masks": masks}
 
 
 def _fidelity(run_dir: Path, baseline_rows: list[dict], mitigated_rows: list[dict]) -> dict:

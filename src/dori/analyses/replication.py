@@ -17,7 +17,7 @@ from dori.data.prompts import PromptRecord, load_reference
 from dori.metrics.base import ReplicationMetric
 from dori.models.generate import generate
 from dori.reports.images import save_png, slug
-from dori.reports.results import ItemStore
+from dori.reports.results import ItemStore, tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,12 @@ def evaluate_replication(
     batch_size: int = 16,
     gen_kwargs: dict | None = None,
     item_extra: dict | None = None,
+    embeds: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Generate ``records x seeds`` and return one sample row per image.
+
+    With ``embeds`` (caption -> ``77 x D`` embedding, e.g. an attack's trigger) the images are generated
+    from those embeddings instead of the captions; the embedding's digest is part of the item key.
 
     Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
     nearest_reference, nearest_score (best match among all references of the set: the
@@ -67,14 +71,20 @@ def evaluate_replication(
     refs = [bank[k][1] for k in ref_keys] or None  # a list: references may differ in size
 
     def key(rec):
-        return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name)
+        digest = tensor_digest(embeds[rec.caption]) if embeds is not None else None
+        return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
+                         *([digest] if digest else []))
 
     pending = [r for r in records if store.get(key(r)) is None]
     per_batch = max(1, batch_size // len(seeds))
     rows_by_caption: dict[str, list[dict]] = {}
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
     for chunk in tqdm(chunks, desc=f"{stage}/{setting}", disable=not chunks):
-        out = generate(pipe, [r.caption for r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
+        if embeds is None:
+            out = generate(pipe, [r.caption for r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
+        else:
+            out = generate(pipe, prompt_embeds=torch.stack([embeds[r.caption] for r in chunk]), seeds=seeds,
+                           batch_size=batch_size, **gen_kwargs)
         sims = metric.pairwise(out.images, refs) if refs else None
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
             rec = chunk[pi]

@@ -36,6 +36,8 @@ class AttackResult:
         loss: per step, the loss of each trigger (``steps x N``).
         distance: per step, ``||y - y0||_2`` of each trigger (``steps x N``).
         steps: steps run; seconds: wall time; params: the attack's parameters.
+        snapshots: budget (steps) -> triggers after that many steps (``0`` = the initial embeddings).
+        stopped_at: per trigger, the step at which early stopping froze it (None = ran to the end).
     """
 
     trigger: torch.Tensor
@@ -46,6 +48,14 @@ class AttackResult:
     steps: int = 0
     seconds: float = 0.0
     params: dict = field(default_factory=dict)
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
+    stopped_at: list[int | None] = field(default_factory=list)
+
+    def at(self, budget: int) -> torch.Tensor:
+        """Triggers after ``budget`` steps (a snapshot asked for at attack time)."""
+        if budget not in self.snapshots:
+            raise KeyError(f"no snapshot at {budget} steps; have {sorted(self.snapshots)}")
+        return self.snapshots[budget]
 
 
 class DoRI:
@@ -61,6 +71,10 @@ class DoRI:
         init_scale: standard deviation of the random initialization.
         restarts: independent triggers per target (random inits differ per restart).
         positions: token positions to optimize (``None`` = all 77), e.g. only padding positions.
+        t_weighting: ``"uniform"`` over ``t_range`` or ``"low"`` (probability falling linearly to 0 at
+            ``t_max``: favours the low-noise steps where image detail is decided).
+        check_every: with a ``check`` callable passed to :meth:`attack`, test the triggers every this many
+            steps and freeze the ones that pass (early stop; off by default, as in the paper).
 
     Example:
         >>> res = DoRI(steps=50).attack(pipe, images, prompts=["chelsea the orange tabby cat looking up"])
@@ -71,22 +85,40 @@ class DoRI:
 
     def __init__(self, steps: int = 50, lr: float = 0.1, pairs: int = 8, t_range: tuple[int, int] | None = None,
                  init: str = "prompt", init_scale: float = 1.0, restarts: int = 1,
-                 positions: list[int] | None = None):
+                 positions: list[int] | None = None, t_weighting: str = "uniform", check_every: int = 10):
         if init not in ("prompt", "random", "embeds"):
             raise ValueError(f"init must be 'prompt', 'random' or 'embeds', got {init!r}")
+        if t_weighting not in ("uniform", "low"):
+            raise ValueError(f"t_weighting must be 'uniform' or 'low', got {t_weighting!r}")
+        if steps < 0 or pairs < 1 or restarts < 1:
+            raise ValueError("steps must be >= 0, pairs and restarts >= 1")
         self.steps, self.lr, self.pairs, self.t_range = steps, lr, pairs, t_range
         self.init, self.init_scale, self.restarts, self.positions = init, init_scale, restarts, positions
+        self.t_weighting, self.check_every = t_weighting, check_every
 
     def params(self) -> dict:
         return dict(steps=self.steps, lr=self.lr, pairs=self.pairs, t_range=self.t_range, init=self.init,
-                    init_scale=self.init_scale, restarts=self.restarts, positions=self.positions)
+                    init_scale=self.init_scale, restarts=self.restarts, positions=self.positions,
+                    t_weighting=self.t_weighting)
 
     def __repr__(self) -> str:
         return "DoRI(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
 
     def attack(self, pipe, images: torch.Tensor, prompts: list[str] | None = None,
-               embeds: torch.Tensor | None = None, seed: int = 0) -> AttackResult:
-        """Optimize triggers for target ``images`` (``T x 3 x H x W`` in [0, 1]) against ``pipe`` as it is."""
+               embeds: torch.Tensor | None = None, seed: int = 0, snapshots: tuple[int, ...] = (),
+               check=None) -> AttackResult:
+        """Optimize triggers for target ``images`` (``T x 3 x H x W`` in [0, 1]) against ``pipe`` as it is.
+
+        Args:
+            prompts / embeds: the initial embeddings' source for ``init="prompt"`` / ``"embeds"``.
+            seed: seeds the (noise, timestep) draws and the random initialization.
+            snapshots: budgets (step counts <= ``steps``) at which to keep a copy of the triggers.
+            check: optional early stop, ``check(triggers, target_index) -> bool tensor``, called every
+                ``check_every`` steps; triggers that pass are frozen, the loop ends when all have.
+        """
+        bad = [b for b in snapshots if not 0 <= b <= self.steps]
+        if bad:
+            raise ValueError(f"snapshot budgets {bad} are outside 0..{self.steps} steps")
         t0 = time.time()
         dev, dtype = pipe.unet.device, pipe.unet.dtype
         g = torch.Generator().manual_seed(seed)
@@ -114,11 +146,16 @@ class DoRI:
         opt = torch.optim.Adam([y], lr=self.lr)
         abar = pipe.scheduler.alphas_cumprod.to(dev)
         t_lo, t_hi = self.t_range or (0, pipe.scheduler.config.num_train_timesteps)
+        t_prob = torch.ones(t_hi - t_lo) if self.t_weighting == "uniform" else torch.arange(t_hi - t_lo, 0, -1.0)
         z0_rep = z0[idx].repeat_interleave(self.pairs, dim=0)
-        res = AttackResult(trigger=y0, init=y0.detach().clone(), target_index=idx, params=self.params())
-        for _ in range(self.steps):
+        res = AttackResult(trigger=y0, init=y0.detach().clone(), target_index=idx, params=self.params(),
+                           stopped_at=[None] * len(idx))
+        frozen = torch.zeros(len(idx), dtype=torch.bool, device=dev)
+        if 0 in snapshots:
+            res.snapshots[0] = y0.detach().clone()
+        for step in range(1, self.steps + 1):
             eps = torch.randn(z0_rep.shape, generator=g).to(dev, dtype)
-            t = torch.randint(t_lo, t_hi, (z0_rep.shape[0],), generator=g).to(dev)
+            t = (t_lo + torch.multinomial(t_prob, z0_rep.shape[0], replacement=True, generator=g)).to(dev)
             a = abar[t].view(-1, 1, 1, 1).to(dtype)
             z_t = a.sqrt() * z0_rep + (1 - a).sqrt() * eps
             pred = predict_noise(pipe, z_t, t, y.repeat_interleave(self.pairs, dim=0))
@@ -127,10 +164,24 @@ class DoRI:
             per.sum().backward()
             if keep is not None:
                 y.grad.mul_(keep)
+            before = y.detach()[frozen].clone()
             opt.step()
+            with torch.no_grad():
+                y[frozen] = before  # early-stopped triggers keep their value (Adam's momentum would move them)
             res.loss.append(per.detach().cpu().tolist())
             res.distance.append((y.detach() - y0).flatten(1).norm(dim=1).cpu().tolist())
+            if step in snapshots:
+                res.snapshots[step] = y.detach().clone()
+            if check is not None and step % self.check_every == 0:
+                passed = torch.as_tensor(check(y.detach(), idx), dtype=torch.bool, device=dev) & ~frozen
+                for i in passed.nonzero().flatten().tolist():
+                    res.stopped_at[i] = step
+                frozen |= passed
+                if bool(frozen.all()):
+                    break
         res.trigger = y.detach()
-        res.steps = self.steps
+        res.steps = step if self.steps else 0
+        for b in snapshots:  # budgets beyond an early stop of every trigger: the frozen triggers
+            res.snapshots.setdefault(b, res.trigger.clone())
         res.seconds = time.time() - t0
         return res

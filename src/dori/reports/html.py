@@ -66,6 +66,41 @@ def image_grid(samples: list[dict], threshold: float) -> str:
     return "".join(out)
 
 
+def _bypass_section(b: dict, samples: list[dict]) -> str:
+    """The paper's table, then image rows: reference | original prompt | DoRI trigger | random, mitigated."""
+    top = max(b["budgets"])
+    out = [f"<h2>Bypass benchmark: {html.escape(b['attack'])}</h2>",
+           "<p class='muted'>Each memorized image is attacked through its own mask; the non-memorized control "
+           "(seen-once and held-out photos) is attacked with the same budget on the unmitigated model. "
+           "random = the prompt embedding plus Gaussian noise with the norm of DoRI's move.</p>",
+           _table(b["table"], ["setting", "n_images", "n_samples", "mr", "mr_any_seed", "score_mean", "score_std"])]
+    t = b.get("timing", {})
+    if t.get("n"):
+        out.append(f"<p class='muted'>attack time per target image: {t['mean_seconds_per_image']:.1f} s</p>")
+    by = defaultdict(list)
+    for s in samples:
+        if s["stage"] == "bypass":
+            by[(s["setting"], s["budget"], s["caption"])].append(s)
+    settings = sorted({k[0].rsplit("+", 1)[0] for k in by})
+
+    def cells(rs):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        return "".join(_cell(r["image"], _score(r), "rep" if r["replicated"] else "norep") for r in rs)
+
+    for m in settings:
+        caps = list(dict.fromkeys(k[2] for k in by if k[0] == f"{m}+dori"))
+        out.append(f"<h3>{html.escape(m)}: original prompt vs DoRI trigger ({top} steps)</h3>")
+        out.append(f"<table><tr><th>caption</th><th>kind</th><th>reference</th><th>{html.escape(m)}, original prompt"
+                   f"</th><th>{html.escape(m)} + DoRI</th><th>{html.escape(m)} + random</th></tr>")
+        for c in caps:
+            first = by[(f"{m}+dori", 0, c)] or by[(f"{m}+dori", top, c)]
+            out.append(f"<tr><td class='caption'>{html.escape(c)}</td><td>{html.escape(first[0]['kind'])}</td>"
+                       f"<td>{_cell(first[0].get('reference'), '')}</td><td>{cells(by[(f'{m}+dori', 0, c)])}</td>"
+                       f"<td>{cells(by[(f'{m}+dori', top, c)])}</td><td>{cells(by[(f'{m}+random', top, c)])}</td></tr>")
+        out.append("</table>")
+    return "".join(out)
+
+
 def render_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from ``run_dir/results.json``."""
     run_dir = Path(run_dir)
@@ -122,6 +157,8 @@ def render_report(run_dir: str | Path) -> Path:
                         f"<td>{cells(plain)}</td><td>{cells(mitig)}</td></tr>")
         rows.append("</table>")
         parts.append("".join(rows))
+    if "bypass" in res:
+        parts.append(_bypass_section(res["bypass"], res["samples"]))
     for plot in res.get("plots", []):
         parts.append(f"<h2>{html.escape(plot['title'])}</h2><img src='{html.escape(plot['path'])}' width='640'>")
     samples = res["samples"]
@@ -129,6 +166,8 @@ def render_report(run_dir: str | Path) -> Path:
     for s in samples:
         groups[(s["stage"], s["setting"], s["kind"])].append(s)
     for (stage, setting, kind), rows in groups.items():
+        if stage == "bypass":
+            continue  # laid out above, one row per target
         parts.append(f"<h2>{html.escape(stage)} · setting {html.escape(setting)} · {html.escape(kind)}</h2>")
         parts.append(image_grid(rows, metric.get("threshold", 0)))
     parts.append("</body></html>")

@@ -1,0 +1,256 @@
+"""The bypass benchmark (PAPER.md sections 5-6): attack a mitigation and measure what comes back.
+
+For each setting (a mitigation with one mask per memorized caption, or ``"none"``: the model as it is),
+every target image is attacked with DoRI under its own mask. The triggers kept at each budget of the
+ladder (``budgets``, attack steps; 0 = the original prompt's embedding) are generated over the seeds
+and scored against the target's reference image: one ``samples`` row per image, setting
+``"<setting>+dori"``, budget = steps. The random-perturbation baseline (same ``||y - y0||`` as DoRI's
+trigger at the largest budget) gives rows with setting ``"<setting>+random"``.
+
+The non-memorized control (seen-once and held-out photos, attacked with the same budget on the
+unmitigated model) is always part of the run: an attack that forces any image is not evidence of
+retention.
+
+Resuming: each attack group's triggers are saved (``triggers/<setting>/<caption>.safetensors``, with
+the loss trace in a JSON beside it) and each generated caption is an item of the run's
+:class:`~dori.reports.results.ItemStore`; a killed run started again redoes only what is missing, with
+the same result (the attack and the generation are deterministic given their seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dori.analyses.replication import evaluate_replication
+from dori.attacks.baselines import RandomPerturbation
+from dori.attacks.dori import DoRI
+from dori.data.prompts import PromptRecord, load_reference
+from dori.metrics.base import ReplicationMetric
+from dori.metrics.replication import memorization_rate, summarize
+from dori.mitigations.masks import Mask, apply_mask
+from dori.reports.images import slug
+from dori.reports.results import ItemStore, write_json
+
+log = logging.getLogger(__name__)
+
+PAPER_BUDGETS = (0, 1, 10, 25, 50)
+CONTROL_KINDS = ("seen_once", "held_out")
+
+
+def control_records(records: Sequence[PromptRecord], per_kind: int | None = None,
+                    kinds: Sequence[str] = CONTROL_KINDS) -> list[PromptRecord]:
+    """The non-memorized control: records of ``kinds`` with a reference image (``per_kind`` of each)."""
+    out = []
+    for kind in kinds:
+        recs = [r for r in records if r.kind == kind and r.reference_status == "ok"]
+        out += recs[:per_kind] if per_kind is not None else recs
+    return out
+
+
+def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, budgets: Sequence[int],
+                  run_dir: Path, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Triggers of one attack call, per budget and caption; loaded from disk when already computed.
+
+    With restarts, each target keeps the restart with the lowest final loss (mean of the last 5 steps):
+    the attacker's own criterion, blind to the replication metric.
+    """
+    paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
+    params = {"attack": attack.params(), "budgets": list(budgets), "seed": seed,
+              "group": [r.caption for r in recs]}
+    if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
+        loaded = [load_file(str(p)) for p in paths]
+        return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
+    images = torch.stack([load_reference(r) for r in recs])
+    res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets))
+    loss = torch.tensor(res.loss) if res.loss else torch.zeros(1, len(res.target_index))
+    out: dict[int, dict[str, torch.Tensor]] = {b: {} for b in budgets}
+    for ti, (rec, path) in enumerate(zip(recs, paths, strict=True)):
+        rows = [i for i, t in enumerate(res.target_index) if t == ti]
+        best = min(rows, key=lambda i: float(loss[-5:, i].mean()))
+        tensors = {f"budget_{b}": res.at(b)[best].contiguous().cpu() for b in budgets}
+        for b in budgets:
+            out[b][rec.caption] = tensors[f"budget_{b}"]
+        meta = {"params": params, "caption": rec.caption, "restart": rows.index(best),
+                "loss": [step[best] for step in res.loss], "distance": [step[best] for step in res.distance],
+                "seconds_group": round(res.seconds, 2), "stopped_at": res.stopped_at[best]}
+        tmp = path.with_suffix(".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        write_json(path.with_suffix(".json"), meta)  # written last: marks the trigger file as complete
+    return out
+
+
+def run_bypass(
+    pipe,
+    records: Sequence[PromptRecord],
+    masks: Mapping[str, Mapping[str, Mask] | None],
+    metric: ReplicationMetric,
+    run_dir: str | Path,
+    *,
+    attack: DoRI,
+    budgets: Sequence[int] = PAPER_BUDGETS,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    gen_kwargs: dict | None = None,
+    control: Sequence[PromptRecord] = (),
+    random_baseline: bool = True,
+    group_size: int = 4,
+    seed: int = 0,
+) -> list[dict]:
+    """Attack every memorized record under each setting of ``masks`` and the ``control`` records on the
+    unmitigated model; return the sample rows (see the module docstring).
+
+    Args:
+        masks: setting name -> {caption: Mask} (one mask per memorized caption), or None for attacking
+            the model as it is (e.g. a fine-tuned model; setting "none").
+        budgets: the cost-curve ladder of attack steps; the attack runs ``max(budgets)`` steps.
+        control: non-memorized records with a reference, attacked under setting "none".
+        group_size: targets optimized together in one batched UNet call when they share a mask.
+    """
+    run_dir = Path(run_dir)
+    store = ItemStore(run_dir)
+    budgets = sorted({0, *(int(b) for b in budgets)})  # 0: the starting embedding, first point of the curve
+    if max(budgets) != attack.steps:
+        attack = DoRI(**{**attack.params(), "steps": max(budgets)})
+    gen_kwargs = gen_kwargs or {}
+    mem = [r for r in records if r.memorized and r.reference_status == "ok"]
+    jobs: list[tuple[str, Mask | None, list[PromptRecord]]] = []
+    for setting, per_caption in masks.items():
+        if per_caption is None:
+            jobs += [(setting, None, mem[i : i + group_size]) for i in range(0, len(mem), group_size)]
+            continue
+        missing = [r.caption for r in mem if r.caption not in per_caption]
+        if missing:
+            raise ValueError(f"setting {setting!r} has no mask for: {missing}")
+        jobs += [(setting, per_caption[r.caption], [r]) for r in mem]
+    control = list(control)
+    jobs += [("none", None, control[i : i + group_size]) for i in range(0, len(control), group_size)]
+
+    rows: list[dict] = []
+    for setting, mask, recs in tqdm(jobs, desc="bypass"):
+        with apply_mask(pipe, mask) if mask is not None else nullcontext():
+            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed)
+            extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
+            for b in budgets:
+                for r in recs:
+                    rows += evaluate_replication(
+                        pipe, [r], seeds, metric, run_dir, stage="bypass", setting=f"{setting}+dori", budget=b,
+                        store=store, gen_kwargs=gen_kwargs, embeds={r.caption: trig[b][r.caption]},
+                        item_extra=extra | {"trigger_distance": _dist(trig, b, r.caption)})
+            if random_baseline:
+                top = max(budgets)
+                rp = RandomPerturbation().attack(pipe, None, [r.caption for r in recs], seed=seed,
+                                                 norms=[_dist(trig, top, r.caption) for r in recs])
+                for i, r in enumerate(recs):
+                    rows += evaluate_replication(
+                        pipe, [r], seeds, metric, run_dir, stage="bypass", setting=f"{setting}+random", budget=top,
+                        store=store, gen_kwargs=gen_kwargs, embeds={r.caption: rp.trigger[i]},
+                        item_extra={"attack": "random", "mask_size": extra["mask_size"],
+                                    "trigger_distance": rp.distance[0][i]})
+    return rows
+
+
+def _dist(trig: dict, budget: int, caption: str) -> float:
+    return float((trig[budget][caption] - trig[0][caption]).norm())
+
+
+def _stats(rows: list[dict]) -> dict:
+    s = summarize(rows)
+    return {k: s.get(k) for k in ("n_images", "n_samples", "mr", "mr_any_seed", "score_mean", "score_std")}
+
+
+def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
+    """The paper's table and the cost curves, from sample rows (nothing is recomputed).
+
+    Rows: memorized (no mitigation), then per mitigation: original prompt, +DoRI at the largest budget,
+    +random perturbation of the same norm; then the non-memorized control with and without DoRI.
+    """
+    top = max(budgets)
+    by = defaultdict(list)
+    for s in samples:
+        if s.get("score") is not None:
+            by[(s["stage"], s["setting"], s["budget"], s["kind"] == "memorized")].append(s)
+    settings = sorted({s["setting"].rsplit("+", 1)[0] for s in samples if s["stage"] == "bypass"} - {"none"})
+    table = []
+
+    def add(label, rows):
+        if rows:
+            table.append({"setting": label, **_stats(rows)})
+
+    add("memorized (no mitigation)", by[("generate", "none", 0, True)] or by[("bypass", "none+dori", 0, True)])
+    if by[("bypass", "none+dori", top, True)]:
+        add(f"memorized + DoRI ({top} steps)", by[("bypass", "none+dori", top, True)])
+    for m in settings:
+        add(f"{m}", by[("bypass", f"{m}+dori", 0, True)])
+        add(f"{m} + DoRI ({top} steps)", by[("bypass", f"{m}+dori", top, True)])
+        add(f"{m} + random (same norm)", by[("bypass", f"{m}+random", top, True)])
+    add("non-memorized", by[("bypass", "none+dori", 0, False)])
+    add(f"non-memorized + DoRI ({top} steps)", by[("bypass", "none+dori", top, False)])
+    add("non-memorized + random (same norm)", by[("bypass", "none+random", top, False)])
+    curves = {}
+    for m in [*settings, "none"]:
+        for mem, label in ((True, f"{m}+dori memorized"), (False, f"{m}+dori non-memorized")):
+            pts = [(b, memorization_rate(by[("bypass", f"{m}+dori", b, mem)])) for b in budgets
+                   if by[("bypass", f"{m}+dori", b, mem)]]
+            if pts:
+                curves[label] = {"budget": [p[0] for p in pts], "mr": [p[1] for p in pts]}
+    return {"budgets": list(budgets), "table": table, "curves": curves}
+
+
+def trigger_seconds(run_dir: str | Path) -> dict:
+    """Attack wall time per target image, from the saved trigger metadata (group time / group size)."""
+    vals = []
+    for p in Path(run_dir).glob("triggers/*/*.json"):
+        meta = json.loads(p.read_text())
+        vals.append(meta["seconds_group"] / len(meta["params"]["group"]))
+    return {"n": len(vals), "mean_seconds_per_image": statistics.fmean(vals) if vals else None}
+
+
+def plot_bypass(bypass: dict, samples: Sequence[dict], threshold: float, plot_dir: Path) -> list[dict]:
+    """MR-vs-steps curves (with the control) and a replication-score histogram per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dori.analyses.demo import _save_fig
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    for label, c in bypass["curves"].items():
+        ax.plot(c["budget"], c["mr"], marker="o", ls="--" if "non-memorized" in label else "-", label=label)
+    ax.set_xlabel("DoRI steps (budget)")
+    ax.set_ylabel("MR")
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, plot_dir / "bypass_mr_vs_steps.png")
+
+    top = max(bypass["budgets"])
+    groups = defaultdict(list)
+    for s in samples:
+        if s["stage"] == "bypass" and s["score"] is not None and s["budget"] in (0, top):
+            kind = "memorized" if s["kind"] == "memorized" else "non-memorized"
+            groups[f"{s['setting']} @{s['budget']} ({kind})"].append(s["score"])
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1.3 * len(groups) + 0.6), dpi=100, sharex=True,
+                             squeeze=False)
+    for ax, (label, scores) in zip(axes[:, 0], sorted(groups.items()), strict=True):
+        ax.hist(scores, bins=24, range=(-0.2, 1.0), color="tab:blue", alpha=0.7)
+        ax.axvline(threshold, color="k", ls="--", lw=1)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_yticks([])
+    axes[-1, 0].set_xlabel("replication score")
+    fig.tight_layout()
+    _save_fig(fig, plot_dir / "bypass_scores.png")
+    return [{"title": "Bypass: MR vs DoRI steps (dashed: non-memorized control)",
+             "path": "plots/bypass_mr_vs_steps.png"},
+            {"title": "Bypass: replication scores per setting", "path": "plots/bypass_scores.png"}]
