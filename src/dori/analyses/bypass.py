@@ -65,8 +65,8 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     the attacker's own criterion, blind to the replication metric.
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
-    params = {"attack": attack.params(), "budgets": list(budgets), "seed": seed,
-              "group": [r.caption for r in recs]}
+    params = json.loads(json.dumps({"attack": attack.params(), "budgets": list(budgets), "seed": seed,
+                                    "group": [r.caption for r in recs]}))  # as it reads back from JSON
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}

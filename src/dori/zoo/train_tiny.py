@@ -1,10 +1,11 @@
 """The reproducible recipe of the embedded tiny model (``dori zoo train-tiny``).
 
 Real Stable Diffusion classes at tiny size: a ``UNet2DConditionModel`` with cross-attention in down,
-mid and up blocks (SD v1.x block types), a frozen randomly initialised ``CLIPTextModel`` (SD also
-freezes its text encoder) behind the real CLIP BPE tokenizer, SD's noise schedule, and a pixel-space
-identity VAE. Trained with the standard epsilon-prediction loss and 10% caption dropout on
-:mod:`dori.zoo.tiny_data`, where the memorized photos are heavily duplicated.
+mid and up blocks (SD v1.x block types), a small ``CLIPTextModel`` trained with the UNet (SD freezes a
+pretrained CLIP; a frozen random one binds text too weakly, see ``TrainConfig.train_text_encoder``)
+behind the real CLIP BPE tokenizer, SD's noise schedule, and a pixel-space identity VAE.
+Trained with the standard epsilon-prediction loss and 10% caption dropout on :mod:`dori.zoo.tiny_data`,
+where the memorized photos are heavily duplicated.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     caption_dropout: float = 0.1
+    # Train the CLIP text encoder with the UNet. SD freezes a *pretrained* CLIP; a frozen *random* one
+    # binds text to images too weakly (unseen captions regurgitated memorized photos, procedural
+    # captions missed their colour and shape), so the tiny model learns its own.
+    train_text_encoder: bool = True
     seed: int = 0
     threads: int = 2
     # sampling defaults written to dori_defaults.json (SD's 7.5 guidance ruins a model this small)
@@ -142,15 +147,22 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
 
     data = build_train_set(cfg.data)
     log.info("training set: %d distinct pairs, %.0f with duplicates", len(data.captions), data.weights.sum())
-    embeds = _encode(tok, te, data.captions)
-    empty = _encode(tok, te, [""])
+    ids = tok(data.captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    if not cfg.train_text_encoder:
+        embeds, empty = _encode(tok, te, data.captions), _encode(tok, te, [""])
     images = data.images * 2 - 1  # the VAE slot is the identity: latents are pixels in [-1, 1]
 
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
     abar = noise_sched.alphas_cumprod
     g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
+    params = list(unet.parameters())
+    if cfg.train_text_encoder:
+        te.train().requires_grad_(True)
+        params += list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -165,16 +177,19 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     for _step in bar:
         idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=g)
         x0 = images[idx]
-        cond = embeds[idx].clone()
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
-        cond[drop] = empty
+        if cfg.train_text_encoder:
+            cond = te(torch.where(drop[:, None], empty_ids, ids[idx]))[0]
+        else:
+            cond = embeds[idx].clone()
+            cond[drop] = empty
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(xt, t, cond).sample, noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -182,6 +197,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         bar.set_postfix(loss=f"{ema:.4f}")
 
     unet.eval()
+    te.eval().requires_grad_(False)
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())  # save with diffusers' default processor
