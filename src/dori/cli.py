@@ -32,7 +32,7 @@ def demo(
     model: str = typer.Option("tiny", help="'tiny', a local diffusers folder, or a cached hub id"),
     prompts: str = typer.Option("tiny", help="prompt set name or file (.csv NeMo, .jsonl Wen, .parquet, .txt)"),
     images_dir: str = typer.Option(None, help="folder with the prompt set's reference images"),
-    seeds: str = typer.Option("0,1,2,3", help="comma-separated seeds"),
+    seeds: str = typer.Option("0,1", help="comma-separated seeds"),
     metric: str = typer.Option(None, help="pixel-ssim (default for tiny), sscd-nemo, sscd-wen"),
     sscd: str = typer.Option(None, help="local SSCD TorchScript file for sscd-* metrics"),
     steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
@@ -41,6 +41,7 @@ def demo(
     stages: str = typer.Option("generate,detect,wanda,bypass",
                                help="comma-separated stages: generate, detect, nemo, wanda, bypass"),
     budgets: str = typer.Option("0,10,50", help="DoRI budgets (steps) of the bypass stage's cost curve"),
+    pairs: int = typer.Option(4, help="DoRI's (noise, timestep) pairs per step in the bypass stage (paper: 8)"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
@@ -50,7 +51,7 @@ def demo(
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
                    images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
-                   budgets=_seeds(budgets, "--budgets"))
+                   budgets=_seeds(budgets, "--budgets"), attack=dict(pairs=pairs))
     _print_results(res, out)
 
 
@@ -150,7 +151,7 @@ def mitigate(
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
          steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts,
-         budgets="0")
+         budgets="0", pairs=8)
 
 
 @app.command("ls")

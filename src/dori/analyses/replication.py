@@ -79,7 +79,7 @@ def evaluate_replication(
     per_batch = max(1, batch_size // len(seeds))
     rows_by_caption: dict[str, list[dict]] = {}
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
-    for chunk in tqdm(chunks, desc=f"{stage}/{setting}", disable=not chunks):
+    for chunk in tqdm(chunks, desc=f"{stage}/{setting}", disable=len(chunks) < 2, leave=False):
         if embeds is None:
             out = generate(pipe, [r.caption for r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
         else:
