@@ -7,7 +7,7 @@ from dori.reports.results import write_json
 
 STAGES = ("generate", "detect", "wanda", "bypass")  # NeMo: test_nemo_wanda.py
 # a short attack keeps the test fast; the paper's settings are measured by `dori attack` (see the docs)
-ATTACK = dict(attack=dict(steps=3, pairs=2), budgets=(0, 1, 3), control_per_kind=1)
+ATTACK = dict(attack=dict(steps=3, pairs=2), budgets=(0, 1, 3), control_per_kind=1, max_targets=3)
 ROW_KEYS = {"stage", "setting", "budget", "caption", "kind", "seed", "image", "reference", "score", "replicated"}
 
 
@@ -47,7 +47,7 @@ def test_demo_writes_rows_images_and_report(demo_run):
     assert labels == ["memorized (no mitigation)", "wanda", "wanda + DoRI (3 steps)", "wanda + random (same norm)",
                       "non-memorized", "non-memorized + DoRI (3 steps)", "non-memorized + random (same norm)"]
     dori_rows = [r for r in res["samples"] if r["setting"] == "wanda+dori"]
-    assert sorted({r["budget"] for r in dori_rows}) == [0, 1, 3] and len(dori_rows) == 8 * 3
+    assert sorted({r["budget"] for r in dori_rows}) == [0, 1, 3] and len(dori_rows) == 3 * 3
     control = {r["kind"] for r in res["samples"] if r["setting"] == "none+dori"}
     assert control == {"seen_once", "held_out"}
     # budget 0 is the original prompt: the same image as the mitigation stage's generation
@@ -55,7 +55,7 @@ def test_demo_writes_rows_images_and_report(demo_run):
     assert all(abs(r["score"] - mit[r["caption"]]) < 1e-6 for r in dori_rows if r["budget"] == 0)
     assert set(b["curves"]) == {"wanda+dori memorized", "none+dori non-memorized"}
     assert "Bypass benchmark" in html and (out / "plots" / "bypass_mr_vs_steps.png").is_file()
-    assert len(list((out / "triggers" / "wanda").glob("*.safetensors"))) == 8
+    assert len(list((out / "triggers" / "wanda").glob("*.safetensors"))) == 3
 
 
 def test_demo_resumes_without_redoing_finished_captions(demo_run, tmp_path):
@@ -67,7 +67,7 @@ def test_demo_resumes_without_redoing_finished_captions(demo_run, tmp_path):
     for p in items[:2]:
         p.unlink()
     before = {p.name: p.stat().st_mtime_ns for p in items[2:]}
-    res2 = run_demo(out=out, seeds=(0,), stages=STAGES)
+    res2 = run_demo(out=out, seeds=(0,), stages=STAGES, **ATTACK)
     assert {p.name: p.stat().st_mtime_ns for p in items[2:]} == before  # untouched
     assert res2["samples"] == res["samples"]  # redone items are bit-identical
 

@@ -90,7 +90,7 @@ def _print_results(res: dict, out: Path) -> None:
         for label, c in b["curves"].items():
             Console().print(f"MR vs steps, {label}: " + ", ".join(f"{s}: {v:.2f}" for s, v in
                                                                  zip(c["budget"], c["mr"], strict=True)))
-        t = b["timing"]
+        t = res["manifest"]["attack_timing"]
         if t["n"]:
             Console().print(f"attack time per target image: {t['mean_seconds_per_image']:.1f} s (n={t['n']})")
     Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")

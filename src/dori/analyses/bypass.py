@@ -103,6 +103,7 @@ def run_bypass(
     seeds: Sequence[int] = (0, 1, 2, 3),
     gen_kwargs: dict | None = None,
     control: Sequence[PromptRecord] = (),
+    max_targets: int | None = None,
     random_baseline: bool = True,
     group_size: int = 4,
     seed: int = 0,
@@ -115,6 +116,7 @@ def run_bypass(
             the model as it is (e.g. a fine-tuned model; setting "none").
         budgets: the cost-curve ladder of attack steps; the attack runs ``max(budgets)`` steps.
         control: non-memorized records with a reference, attacked under setting "none".
+        max_targets: attack only the first this many memorized records (None = all).
         group_size: targets optimized together in one batched UNet call when they share a mask.
     """
     run_dir = Path(run_dir)
@@ -123,7 +125,7 @@ def run_bypass(
     if max(budgets) != attack.steps:
         attack = DoRI(**{**attack.params(), "steps": max(budgets)})
     gen_kwargs = gen_kwargs or {}
-    mem = [r for r in records if r.memorized and r.reference_status == "ok"]
+    mem = [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
     jobs: list[tuple[str, Mask | None, list[PromptRecord]]] = []
     for setting, per_caption in masks.items():
         if per_caption is None:
@@ -142,21 +144,19 @@ def run_bypass(
             trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed)
             extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
             for b in budgets:
-                for r in recs:
-                    rows += evaluate_replication(
-                        pipe, [r], seeds, metric, run_dir, stage="bypass", setting=f"{setting}+dori", budget=b,
-                        store=store, gen_kwargs=gen_kwargs, embeds={r.caption: trig[b][r.caption]},
-                        item_extra=extra | {"trigger_distance": _dist(trig, b, r.caption)})
-            if random_baseline:
+                got = evaluate_replication(
+                    pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+dori", budget=b,
+                    store=store, gen_kwargs=gen_kwargs, embeds=trig[b], item_extra=extra)
+                rows += [r | {"trigger_distance": _dist(trig, b, r["caption"])} for r in got]
+            if random_baseline:  # Gaussian noise with the norm of DoRI's move at the largest budget
                 top = max(budgets)
-                rp = RandomPerturbation().attack(pipe, None, [r.caption for r in recs], seed=seed,
-                                                 norms=[_dist(trig, top, r.caption) for r in recs])
-                for i, r in enumerate(recs):
-                    rows += evaluate_replication(
-                        pipe, [r], seeds, metric, run_dir, stage="bypass", setting=f"{setting}+random", budget=top,
-                        store=store, gen_kwargs=gen_kwargs, embeds={r.caption: rp.trigger[i]},
-                        item_extra={"attack": "random", "mask_size": extra["mask_size"],
-                                    "trigger_distance": rp.distance[0][i]})
+                norms = [_dist(trig, top, r.caption) for r in recs]
+                rp = RandomPerturbation().attack(pipe, None, [r.caption for r in recs], norms=norms, seed=seed)
+                got = evaluate_replication(
+                    pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+random", budget=top,
+                    store=store, gen_kwargs=gen_kwargs, embeds=dict(zip(trig[top], rp.trigger, strict=True)),
+                    item_extra={"attack": "random", "mask_size": extra["mask_size"]})
+                rows += [r | {"trigger_distance": _dist(trig, top, r["caption"])} for r in got]
     return rows
 
 

@@ -66,7 +66,7 @@ def image_grid(samples: list[dict], threshold: float) -> str:
     return "".join(out)
 
 
-def _bypass_section(b: dict, samples: list[dict]) -> str:
+def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
     """The paper's table, then image rows: reference | original prompt | DoRI trigger | random, mitigated."""
     top = max(b["budgets"])
     out = [f"<h2>Bypass benchmark: {html.escape(b['attack'])}</h2>",
@@ -74,7 +74,7 @@ def _bypass_section(b: dict, samples: list[dict]) -> str:
            "(seen-once and held-out photos) is attacked with the same budget on the unmitigated model. "
            "random = the prompt embedding plus Gaussian noise with the norm of DoRI's move.</p>",
            _table(b["table"], ["setting", "n_images", "n_samples", "mr", "mr_any_seed", "score_mean", "score_std"])]
-    t = b.get("timing", {})
+    t = timing or {}
     if t.get("n"):
         out.append(f"<p class='muted'>attack time per target image: {t['mean_seconds_per_image']:.1f} s</p>")
     by = defaultdict(list)
@@ -158,7 +158,7 @@ def render_report(run_dir: str | Path) -> Path:
         rows.append("</table>")
         parts.append("".join(rows))
     if "bypass" in res:
-        parts.append(_bypass_section(res["bypass"], res["samples"]))
+        parts.append(_bypass_section(res["bypass"], res["samples"], m.get("attack_timing")))
     for plot in res.get("plots", []):
         parts.append(f"<h2>{html.escape(plot['title'])}</h2><img src='{html.escape(plot['path'])}' width='640'>")
     samples = res["samples"]
