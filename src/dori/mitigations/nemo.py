@@ -85,6 +85,9 @@ class NeMo:
         pairwise_threshold: max pairwise SSIM above which a seed counts as memorized (default: ``threshold``).
         n_seeds, seed: initial noises ``seed .. seed + n_seeds - 1`` (NeMo: 10 seeds).
         batch_candidates: candidate masks checked per UNet call (1 = the sequential reference procedure).
+            Default: 16 on CUDA, 1 on the CPU, where the UNet's cost grows with the batch and the checks
+            a batch evaluates after an accepted one are wasted (``benchmarks/nemo_batched.py``: batched
+            was 0.2x the speed of sequential on the tiny model, 2 cores).
         stats_cache: folder for the activation statistics (default ``$DORI_CACHE`` or ``~/.cache/dori``).
     """
 
@@ -93,13 +96,13 @@ class NeMo:
     def __init__(self, layer_group: str = "nemo-value", theta: float = 5.0, theta_step: float = 0.25,
                  theta_min: float = 1.0, k: int = 0, threshold: float = 0.428,
                  pairwise_threshold: float | None = None, n_seeds: int = 10, seed: int = 1,
-                 batch_candidates: int = 16, stats_cache: str | Path | None = None):
+                 batch_candidates: int | None = None, stats_cache: str | Path | None = None):
         self.layer_group, self.theta0, self.theta_step, self.theta_min, self.k0 = (
             layer_group, theta, theta_step, theta_min, k)
         self.threshold = threshold
         self.pairwise_threshold = threshold if pairwise_threshold is None else pairwise_threshold
         self.seeds = list(range(seed, seed + n_seeds))
-        self.batch_candidates = max(1, batch_candidates)
+        self.batch_candidates = None if batch_candidates is None else max(1, batch_candidates)
         self.stats_cache = Path(stats_cache or os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
         self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -187,6 +190,7 @@ class NeMo:
                                  "or pass stats_prompts (non-memorized prompts)")
             self.fit_statistics(pipe, stats_prompts)
         self._calls, self._checks, self._speculative = 0, 0, 0
+        self._batch = self.batch_candidates or (16 if pipe.unet.device.type == "cuda" else 1)
         embeds = encode_prompts(pipe, [prompt])
         vanilla_all = self.noise_diffs(pipe, embeds, self.seeds)[0]
         self._calls += 1
@@ -211,8 +215,8 @@ class NeMo:
                 break
             rounds.append((theta, k))
         selection, signal, refine_thr = None, None, self.threshold
-        for start in range(0, len(rounds), self.batch_candidates):
-            batch = rounds[start : start + self.batch_candidates]
+        for start in range(0, len(rounds), self._batch):
+            batch = rounds[start : start + self._batch]
             cands = [self._initial(acts, th, kk) for th, kk in batch]
             sigs = self._signal(pipe, embeds, vanilla, looked, cands)
             hit = next((j for j, s in enumerate(sigs) if s <= self.threshold), None)
@@ -256,7 +260,7 @@ class NeMo:
         sel = {n: list(v) for n, v in selection.items()}
         i = 0
         while i < len(candidates):
-            batch = candidates[i : i + self.batch_candidates]
+            batch = candidates[i : i + self._batch]
             trials = [_without(sel, c) for c in batch]
             sigs = self._signal(pipe, embeds, vanilla, looked, trials)
             hit = next((j for j, s in enumerate(sigs) if s < thr), None)
