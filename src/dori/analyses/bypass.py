@@ -154,7 +154,7 @@ def run_bypass(
                 rp = RandomPerturbation().attack(pipe, None, [r.caption for r in recs], norms=norms, seed=seed)
                 got = evaluate_replication(
                     pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+random", budget=top,
-                    store=store, gen_kwargs=gen_kwargs, embeds=dict(zip(trig[top], rp.trigger, strict=True)),
+                    store=store, gen_kwargs=gen_kwargs, embeds={r.caption: rp.trigger[i] for i, r in enumerate(recs)},
                     item_extra={"attack": "random", "mask_size": extra["mask_size"]})
                 rows += [r | {"trigger_distance": _dist(trig, top, r["caption"])} for r in got]
     return rows
