@@ -25,7 +25,8 @@ DEMO_SEEDS = (0, 1)
 DEMO_ATTACK = {"pairs": 4}
 DEMO_BUDGETS = (0, 10, 50)
 STAGES = ("generate", "detect", "nemo", "wanda", "bypass")
-# NeMo's refinement takes minutes per prompt on 2 CPU cores, so the default demo leaves it out
+# NeMo (15-20 s per memorized prompt on 2 CPU cores, plus its evaluation and bypass: ~4 more minutes)
+# does not fit in the 5-minute demo, so it is opt-in
 DEFAULT_STAGES = ("generate", "detect", "wanda", "bypass")
 
 
