@@ -230,7 +230,8 @@ def run_demo(
     for name in ("nemo", "wanda"):
         if name in stages:
             method = make_method(name, pipe, stats_prompts)
-            res = run_mitigation(pipe, method, records, seeds, m, out, gen, samples)
+            plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
+            res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain)
             samples += res["samples"]
             mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:
