@@ -21,8 +21,7 @@ def _fixed_loss(pipe, img, embeds, n=64):
     g = torch.Generator().manual_seed(123)
     eps = torch.randn((n, *img.shape[1:]), generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
-    a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    z = a.sqrt() * (img * 2 - 1) + (1 - a).sqrt() * eps
+    z = pipe.scheduler.add_noise((img * 2 - 1).expand(n, -1, -1, -1), eps, t)
     return torch.stack([(predict_noise(pipe, z, t, e[None].expand(n, -1, -1)) - eps).pow(2).mean() for e in embeds])
 
 

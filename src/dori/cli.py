@@ -19,7 +19,7 @@ app.add_typer(zoo, name="zoo")
 console = Console(stderr=True, soft_wrap=True)
 
 
-def _seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+def _ints(text: str, option: str = "--seeds") -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -48,10 +48,10 @@ def demo(
     them (Wanda; NeMo with --stages), attack the mitigation with DoRI; write results.json and report.html."""
     from dori.analyses.demo import run_demo
 
-    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric,
+    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
                    images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
-                   budgets=_seeds(budgets, "--budgets"), attack=dict(pairs=pairs))
+                   budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs))
     _print_results(res, out)
 
 
@@ -125,9 +125,9 @@ def attack(
     if bad:
         raise DoriError(f"--mitigation takes nemo, wanda or none, got {sorted(bad)}")
     overrides = {k: v for k, v in dict(lr=lr, pairs=pairs, restarts=restarts, init=init).items() if v is not None}
-    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_seeds(seeds), metric=metric, sscd_path=sscd,
+    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric, sscd_path=sscd,
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
-                   stats_prompts=stats_prompts, attack=overrides, budgets=_seeds(budgets, "--budgets"),
+                   stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                    control_per_kind=control, command="dori attack")
     _print_results(res, out)
 
@@ -215,7 +215,7 @@ def calibrate_pixel_cmd(
     """Measure the largest pixel-ssim score that occurs without replication (the threshold's basis)."""
     from dori.metrics.calibrate import calibrate_pixel_threshold
 
-    res = calibrate_pixel_threshold(model, _seeds(seeds))
+    res = calibrate_pixel_threshold(model, _ints(seeds))
     for k, v in res.items():
         Console().print(f"{k}: {v}")
 

@@ -144,7 +144,6 @@ class DoRI:
             keep = torch.zeros(1, y.shape[1], 1, device=dev, dtype=dtype)
             keep[:, self.positions] = 1
         opt = torch.optim.Adam([y], lr=self.lr)
-        abar = pipe.scheduler.alphas_cumprod.to(dev)
         t_lo, t_hi = self.t_range or (0, pipe.scheduler.config.num_train_timesteps)
         t_prob = torch.ones(t_hi - t_lo) if self.t_weighting == "uniform" else torch.arange(t_hi - t_lo, 0, -1.0)
         z0_rep = z0[idx].repeat_interleave(self.pairs, dim=0)
@@ -156,8 +155,7 @@ class DoRI:
         for step in range(1, self.steps + 1):
             eps = torch.randn(z0_rep.shape, generator=g).to(dev, dtype)
             t = (t_lo + torch.multinomial(t_prob, z0_rep.shape[0], replacement=True, generator=g)).to(dev)
-            a = abar[t].view(-1, 1, 1, 1).to(dtype)
-            z_t = a.sqrt() * z0_rep + (1 - a).sqrt() * eps
+            z_t = pipe.scheduler.add_noise(z0_rep, eps, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
             pred = predict_noise(pipe, z_t, t, y.repeat_interleave(self.pairs, dim=0))
             per = (pred.float() - eps.float()).pow(2).flatten(1).mean(1).view(len(idx), self.pairs).mean(1)
             opt.zero_grad(set_to_none=True)
