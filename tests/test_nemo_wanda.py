@@ -1,10 +1,13 @@
+import logging
+
 import pytest
 import torch
 
 from dori import load_prompt_set
 from dori.data.tiny import tiny_stats_prompts
-from dori.mitigations.masks import apply_mask
-from dori.mitigations.nemo import NeMo
+from dori.mitigations.masks import Mask, apply_mask
+from dori.mitigations.nemo import NeMo, _ssim
+from dori.models.generate import encode_prompts
 from dori.mitigations.wanda import Wanda
 from dori.models.layers import resolve_layers
 
@@ -29,16 +32,35 @@ def test_statistics_are_cached_and_reloaded(tiny_pipe, nemo_kwargs):
     assert len(list((nemo_kwargs["stats_cache"] / "nemo_stats").glob("*.safetensors"))) == 1
 
 
-def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny_pipe, nemo_kwargs):
+def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny_pipe, nemo_kwargs, caplog):
     stats = tiny_stats_prompts()
-    seq = NeMo(**nemo_kwargs, batch_candidates=1).localize(tiny_pipe, MEMORIZED, stats)
+    with caplog.at_level(logging.WARNING, logger="dori.mitigations.nemo"):
+        seq = NeMo(**nemo_kwargs, batch_candidates=1).localize(tiny_pipe, MEMORIZED, stats)
+    # the tiny model's property (docs/tiny-model.md): NeMo's threshold is out of reach, and it says so
+    assert not seq.stats["threshold_reachable"]
+    assert any("no selection can meet it" in r.getMessage() for r in caplog.records)
     bat = NeMo(**nemo_kwargs, batch_candidates=16).localize(tiny_pipe, MEMORIZED, stats)
     assert seq.memorized and bat.memorized
     assert seq.mask.counts() == bat.mask.counts()
     assert all(torch.equal(seq.mask.layers[n], bat.mask.layers[n]) for n in seq.mask.layers)
     assert seq.initial == bat.initial
+    assert seq.stats["signal_floor"] == pytest.approx(bat.stats["signal_floor"], abs=1e-6)
     assert bat.stats["unet_calls"] < seq.stats["unet_calls"]
     assert 0 < len(bat.mask) <= bat.stats["n_initial"]
+
+
+def test_signal_floor_is_the_signal_with_every_neuron_deactivated(tiny_pipe, nemo_kwargs):
+    nemo = NeMo(**nemo_kwargs)
+    e = encode_prompts(tiny_pipe, [MEMORIZED])
+    vanilla = nemo.noise_diffs(tiny_pipe, e, nemo.seeds)[0]
+    floor = nemo.signal_floor(tiny_pipe, e, vanilla, nemo.seeds)
+    # the same through the other path: a neuron Mask applied with forward hooks
+    layers = resolve_layers(tiny_pipe.unet, nemo.layer_group)
+    everything = Mask("neuron", {r.name: torch.arange(r.module.out_features) for r in layers})
+    with apply_mask(tiny_pipe, everything):
+        blocked = nemo.noise_diffs(tiny_pipe, e, nemo.seeds)[0]
+    assert floor == pytest.approx(float(_ssim(vanilla, blocked).max()), abs=1e-5)
+    assert 0.5 < floor < 1.0
 
 
 def test_non_memorized_prompt_gets_no_neurons(tiny_pipe, nemo_kwargs):

@@ -82,7 +82,10 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
                       "mr_before": memorization_rate(b) if b else None,
                       "score_after": statistics.fmean(r["score"] for r in a),
                       "mr_after": memorization_rate(a),
-                      "seconds": masks[rec.caption].meta.get("seconds")})
+                      "seconds": masks[rec.caption].meta.get("seconds")}
+                     # NeMo: the signal with the whole layer group deactivated, vs its threshold
+                     | {k: masks[rec.caption].meta[k] for k in ("signal_floor", "threshold_reachable")
+                        if k in masks[rec.caption].meta})
     # effect on non-memorized captions: mitigated vs unmitigated image of the same caption and seed
     joint_rows = [r for r in rows if r["setting"] == f"{method.name}-joint"]
     fidelity = _fidelity(run_dir, baseline_rows, joint_rows)

@@ -18,6 +18,12 @@ mid blocks (layer group ``nemo-value``; SD v1.4's layers 1-7). The procedure, pe
 4. **Refinement**: try re-enabling whole layers (last to first), then single neurons; keep a neuron
    deactivated only if re-enabling it brings the signal back above the threshold.
 
+Reachability check (not in the reference code): before the search, the signal is measured once with
+every neuron of the layer group deactivated. When even this floor is above ``threshold``, the
+threshold almost surely does not suit the model; NeMo warns and records ``signal_floor`` and
+``threshold_reachable`` in the mask's metadata (the search still runs as published). On the tiny
+32x32 pixel-space model the floor is 0.84-0.92 (docs/tiny-model.md).
+
 Speed-up over the reference code (which checks one candidate per UNet call and runs a UNet pass just to
 read text-only activations): candidate checks are batched, many candidate masks in one UNet call, one
 mask per sample. The greedy decisions are replayed in order, so the selected set equals the sequential
@@ -105,6 +111,7 @@ class NeMo:
         self.batch_candidates = None if batch_candidates is None else max(1, batch_candidates)
         self.stats_cache = Path(stats_cache or os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
         self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._calls = self._checks = self._speculative = 0
 
     def params(self) -> dict:
         return dict(layer_group=self.layer_group, theta=self.theta0, theta_step=self.theta_step,
@@ -203,6 +210,12 @@ class NeMo:
                               stats=dict(unet_calls=self._calls))
         vanilla = vanilla_all[[self.seeds.index(s) for s in looked]]
         acts = {n: a[0] for n, a in self.activations(pipe, embeds).items()}
+        floor = self.signal_floor(pipe, embeds, vanilla, looked)
+        if floor > self.threshold:
+            log.warning("NeMo: %r: the signal stays at %.3f with every neuron of %r deactivated, above the "
+                        "threshold %.3f: no selection can meet it on this model, so the search runs to its "
+                        "floor. Calibrate the threshold for this model or search a larger layer group.",
+                        prompt[:60], floor, self.layer_group, self.threshold)
 
         # 3. initial selection: rounds (theta_r, k_r) are fixed in advance, so a batch of rounds is exact
         # (as the reference code: a failed round lowers theta and raises k; the search stops, without
@@ -238,10 +251,17 @@ class NeMo:
         final_signal = self._signal(pipe, embeds, vanilla, looked, [selection])[0]
         stats = dict(unet_calls=self._calls, candidate_checks=self._checks, speculative=self._speculative,
                      initial_signal=initial_signal, final_signal=final_signal, refine_threshold=refine_thr,
+                     signal_floor=floor, threshold_reachable=floor <= self.threshold,
                      looked_at_seeds=looked, n_initial=sum(map(len, initial.values())),
                      n_final=sum(map(len, selection.values())))
         mask = Mask("neuron", {n: v for n, v in selection.items() if v}, meta | {"memorized": True, **stats})
         return NeMoResult(mask, True, initial, stats)
+
+    def signal_floor(self, pipe, embeds, vanilla, looked) -> float:
+        """The signal with *every* neuron of the layer group deactivated (one UNet call). When even that
+        stays above ``threshold``, the threshold almost surely does not suit the model."""
+        full = {ref.name: list(range(ref.module.out_features)) for ref in resolve_layers(pipe.unet, self.layer_group)}
+        return self._signal(pipe, embeds, vanilla, looked, [full])[0]
 
     def _initial(self, acts: dict[str, torch.Tensor], theta: float, k: int) -> dict[str, list[int]]:
         sel = {}

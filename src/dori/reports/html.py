@@ -142,8 +142,9 @@ def render_report(run_dir: str | Path) -> Path:
                      f"with the joint mask: {html.escape(sm['non_memorized_similarity_to_unmitigated']['measure'])}"
                      f" = {sm['non_memorized_similarity_to_unmitigated']['mean']:.3f} (min "
                      f"{sm['non_memorized_similarity_to_unmitigated']['min']:.3f})</p>")
-        parts.append(_table(mres["table"], ["caption", "mask_size", "score_before", "mr_before", "score_after",
-                                            "mr_after", "seconds"]))
+        cols = ["caption", "mask_size", "score_before", "mr_before", "score_after", "mr_after", "seconds"]
+        cols += [c for c in ("signal_floor", "threshold_reachable") if any(c in t for t in mres["table"])]
+        parts.append(_table(mres["table"], cols))
         rows = ["<table><tr><th>caption</th><th>reference</th><th>unmitigated</th><th>mitigated</th></tr>"]
         for t in mres["table"]:
             plain = sorted(by_key[("none", t["caption"])], key=lambda r: r["seed"])
