@@ -7,8 +7,8 @@ from dori import load_prompt_set
 from dori.data.tiny import tiny_stats_prompts
 from dori.mitigations.masks import Mask, apply_mask
 from dori.mitigations.nemo import NeMo, _ssim
-from dori.models.generate import encode_prompts
 from dori.mitigations.wanda import Wanda
+from dori.models.generate import encode_prompts
 from dori.models.layers import resolve_layers
 
 MEMORIZED = "chelsea the orange tabby cat looking up"
