@@ -30,7 +30,8 @@ def test_demo_writes_rows_images_and_report(demo_run):
         assert row["reference"] is None or (out / row["reference"]).is_file()
         assert (row["stage"], row["setting"]) in {
             ("generate", "none"), ("mitigate", "wanda"), ("mitigate", "wanda-joint"), ("bypass", "wanda+dori"),
-            ("bypass", "wanda+random"), ("bypass", "none+dori"), ("bypass", "none+random")}
+            ("bypass", "wanda+random"), ("bypass", "none+dori"), ("bypass", "none+random"),
+            ("bypass", "wanda+tokens"), ("bypass", "none+tokens")}
         assert row["budget"] == 0 or row["stage"] == "bypass"
     m = res["manifest"]
     assert {"config", "versions", "git", "seeds"} <= m.keys() and m["seeds"] == [0]
@@ -45,7 +46,13 @@ def test_demo_writes_rows_images_and_report(demo_run):
     b = res["bypass"]
     labels = [r["setting"] for r in b["table"]]
     assert labels == ["memorized (no mitigation)", "wanda", "wanda + DoRI (3 steps)", "wanda + random (same norm)",
-                      "non-memorized", "non-memorized + DoRI (3 steps)", "non-memorized + random (same norm)"]
+                      "wanda + word-perturbed prompts", "non-memorized", "non-memorized + DoRI (3 steps)",
+                      "non-memorized + random (same norm)", "non-memorized + word-perturbed prompts"]
+    tokens = [r for r in res["samples"] if r["setting"] == "wanda+tokens"]
+    assert len(tokens) == 3 and all(r["budget"] == 0 and r["trigger_prompt"] for r in tokens)
+    assert any(r["trigger_prompt"] != r["caption"] for r in tokens)
+    # the attack time covers exactly this run's attacked targets: 3 memorized + 2 control
+    assert res["manifest"]["attack_timing"]["n"] == 5
     dori_rows = [r for r in res["samples"] if r["setting"] == "wanda+dori"]
     assert sorted({r["budget"] for r in dori_rows}) == [0, 1, 3] and len(dori_rows) == 3 * 3
     control = {r["kind"] for r in res["samples"] if r["setting"] == "none+dori"}

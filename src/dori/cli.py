@@ -111,6 +111,7 @@ def attack(
     restarts: int = typer.Option(None, help="independent triggers per target; the lowest final loss is kept"),
     init: str = typer.Option(None, help="prompt (default), random"),
     control: int = typer.Option(None, help="control photos per kind (seen-once, held-out); default: all"),
+    token_variants: int = typer.Option(4, help="word-perturbed prompts per target (the discrete baseline)"),
     metric: str = typer.Option(None),
     sscd: str = typer.Option(None),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
@@ -128,7 +129,7 @@ def attack(
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric, sscd_path=sscd,
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
-                   control_per_kind=control, command="dori attack")
+                   control_per_kind=control, token_variants=token_variants, command="dori attack")
     _print_results(res, out)
 
 

@@ -5,7 +5,9 @@ every target image is attacked with DoRI under its own mask. The triggers kept a
 ladder (``budgets``, attack steps; 0 = the original prompt's embedding) are generated over the seeds
 and scored against the target's reference image: one ``samples`` row per image, setting
 ``"<setting>+dori"``, budget = steps. The random-perturbation baseline (same ``||y - y0||`` as DoRI's
-trigger at the largest budget) gives rows with setting ``"<setting>+random"``.
+trigger at the largest budget) gives rows with setting ``"<setting>+random"``, and the discrete
+baseline (``token_variants`` word-perturbed prompts per target, :class:`TokenPerturbation`) rows with
+setting ``"<setting>+tokens"``, budget 0, the variant's prompt in ``trigger_prompt``.
 
 The non-memorized control (seen-once and held-out photos, attacked with the same budget on the
 unmitigated model) is always part of the run: an attack that forces any image is not evidence of
@@ -32,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dori.analyses.replication import evaluate_replication
-from dori.attacks.baselines import RandomPerturbation
+from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
 from dori.data.prompts import PromptRecord, load_reference
 from dori.metrics.base import ReplicationMetric
@@ -105,6 +107,7 @@ def run_bypass(
     control: Sequence[PromptRecord] = (),
     max_targets: int | None = None,
     random_baseline: bool = True,
+    token_variants: int = 0,
     group_size: int = 4,
     seed: int = 0,
 ) -> list[dict]:
@@ -117,6 +120,8 @@ def run_bypass(
         budgets: the cost-curve ladder of attack steps; the attack runs ``max(budgets)`` steps.
         control: non-memorized records with a reference, attacked under setting "none".
         max_targets: attack only the first this many memorized records (None = all).
+        random_baseline: also generate from Gaussian perturbations with the norm of DoRI's move.
+        token_variants: word-perturbed prompts per target for the discrete baseline (0 = none).
         group_size: targets optimized together in one batched UNet call when they share a mask.
     """
     run_dir = Path(run_dir)
@@ -157,6 +162,16 @@ def run_bypass(
                     store=store, gen_kwargs=gen_kwargs, embeds={r.caption: rp.trigger[i] for i, r in enumerate(recs)},
                     item_extra={"attack": "random", "mask_size": extra["mask_size"]})
                 rows += [r | {"trigger_distance": _dist(trig, top, r["caption"])} for r in got]
+            if token_variants:
+                tp = TokenPerturbation(variants=token_variants).attack(pipe, None, [r.caption for r in recs], seed=seed)
+                texts = tp.params["prompts"]
+                for v in range(token_variants):
+                    pick = {r.caption: i * token_variants + v for i, r in enumerate(recs)}
+                    got = evaluate_replication(
+                        pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+tokens", budget=0,
+                        store=store, gen_kwargs=gen_kwargs, embeds={c: tp.trigger[i] for c, i in pick.items()},
+                        tag=f"_v{v}", item_extra={"attack": "tokens", "variant": v, "mask_size": extra["mask_size"]})
+                    rows += [r | {"trigger_prompt": texts[pick[r["caption"]]]} for r in got]
     return rows
 
 
@@ -194,9 +209,11 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
         add(f"{m}", by[("bypass", f"{m}+dori", 0, True)])
         add(f"{m} + DoRI ({top} steps)", by[("bypass", f"{m}+dori", top, True)])
         add(f"{m} + random (same norm)", by[("bypass", f"{m}+random", top, True)])
+        add(f"{m} + word-perturbed prompts", by[("bypass", f"{m}+tokens", 0, True)])
     add("non-memorized", by[("bypass", "none+dori", 0, False)])
     add(f"non-memorized + DoRI ({top} steps)", by[("bypass", "none+dori", top, False)])
     add("non-memorized + random (same norm)", by[("bypass", "none+random", top, False)])
+    add("non-memorized + word-perturbed prompts", by[("bypass", "none+tokens", 0, False)])
     curves = {}
     for m in [*settings, "none"]:
         for mem, label in ((True, f"{m}+dori memorized"), (False, f"{m}+dori non-memorized")):
@@ -207,12 +224,16 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
     return {"budgets": list(budgets), "table": table, "curves": curves}
 
 
-def trigger_seconds(run_dir: str | Path) -> dict:
-    """Attack wall time per target image, from the saved trigger metadata (group time / group size)."""
+def trigger_seconds(run_dir: str | Path, samples: Sequence[dict]) -> dict:
+    """DoRI's wall time per target image (attack-group time / group size), read from the trigger metadata
+    of the (setting, caption) pairs attacked in ``samples`` (this run's, not older files in the folder).
+    Kept out of the sample rows: a resumed run has the same rows but not the same wall times."""
     vals = []
-    for p in Path(run_dir).glob("triggers/*/*.json"):
-        meta = json.loads(p.read_text())
-        vals.append(meta["seconds_group"] / len(meta["params"]["group"]))
+    for setting, caption in sorted({(r["setting"], r["caption"]) for r in samples if r.get("attack") == "dori"}):
+        meta = Path(run_dir) / "triggers" / setting.rsplit("+", 1)[0] / f"{slug(caption)}.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            vals.append(m["seconds_group"] / len(m["params"]["group"]))
     return {"n": len(vals), "mean_seconds_per_image": statistics.fmean(vals) if vals else None}
 
 

@@ -175,6 +175,7 @@ def run_demo(
     budgets: Sequence[int] = DEMO_BUDGETS,
     control_per_kind: int | None = 2,
     max_targets: int | None = None,
+    token_variants: int = 1,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
@@ -182,7 +183,8 @@ def run_demo(
     Stages: ``generate`` (every caption x seeds), ``detect`` (noise magnitude, ROC), ``nemo`` /
     ``wanda`` (a mask per memorized caption, before/after table), ``bypass`` (DoRI against each
     mitigation run in this call, or against the model as it is when none is, with the non-memorized
-    control: ``control_per_kind`` seen-once and held-out photos, None = all).
+    control: ``control_per_kind`` seen-once and held-out photos, None = all; the random-perturbation
+    baseline; ``token_variants`` word-perturbed prompts per target, the discrete baseline).
     ``attack`` overrides DoRI's parameters (default: the model's shipped settings); ``budgets`` is the
     cost-curve ladder (the attack runs ``max(budgets)`` steps).
 
@@ -194,7 +196,7 @@ def run_demo(
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
                   stages=list(stages), stats_prompts=stats_prompts, attack=attack, budgets=list(budgets),
-                  control_per_kind=control_per_kind, max_targets=max_targets)
+                  control_per_kind=control_per_kind, max_targets=max_targets, token_variants=token_variants)
     man = manifest(command, config, seeds)
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -241,10 +243,11 @@ def run_demo(
         config["resolved_attack"] = dori.params()
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
-                          control=control_records(records, control_per_kind), max_targets=max_targets)
+                          control=control_records(records, control_per_kind), max_targets=max_targets,
+                          token_variants=token_variants)
         samples += rows
         results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori)}
-        man["attack_timing"] = trigger_seconds(out)  # wall time: a fact of this run, kept with the manifest
+        man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
         results["plots"] += plot_bypass(results["bypass"], samples, m.threshold, out / "plots")
     for mres in mitigations.values():
         del mres["masks"]  # saved under masks/; results.json keeps the tables

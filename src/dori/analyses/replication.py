@@ -50,11 +50,13 @@ def evaluate_replication(
     gen_kwargs: dict | None = None,
     item_extra: dict | None = None,
     embeds: dict[str, torch.Tensor] | None = None,
+    tag: str = "",
 ) -> list[dict]:
     """Generate ``records x seeds`` and return one sample row per image.
 
     With ``embeds`` (caption -> ``77 x D`` embedding, e.g. an attack's trigger) the images are generated
     from those embeddings instead of the captions; the embedding's digest is part of the item key.
+    ``tag`` is appended to the image file names (several embeddings per caption, e.g. prompt variants).
 
     Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
     nearest_reference, nearest_score (best match among all references of the set: the
@@ -88,7 +90,7 @@ def evaluate_replication(
         sims = metric.pairwise(out.images, refs) if refs else None
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
             rec = chunk[pi]
-            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}_s{seed}.png"
+            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}{tag}_s{seed}.png"
             save_png(out.images[j], run_dir / rel)
             row = {"stage": stage, "setting": setting, "budget": budget, "caption": rec.caption,
                    "kind": rec.kind, "seed": seed, "image": rel, "reference": None, "score": None,
