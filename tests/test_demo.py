@@ -57,9 +57,9 @@ def test_demo_writes_rows_images_and_report(demo_run):
     assert sorted({r["budget"] for r in dori_rows}) == [0, 1, 3] and len(dori_rows) == 3 * 3
     control = {r["kind"] for r in res["samples"] if r["setting"] == "none+dori"}
     assert control == {"seen_once", "held_out"}
-    # budget 0 is the original prompt: the same image as the mitigation stage's generation
-    mit = {r["caption"]: r["score"] for r in res["samples"] if r["setting"] == "wanda"}
-    assert all(abs(r["score"] - mit[r["caption"]]) < 1e-6 for r in dori_rows if r["budget"] == 0)
+    # budget 0 is the original prompt's embedding: the mitigation stage's image, reused, not generated again
+    mit = {r["caption"]: (r["score"], r["image"]) for r in res["samples"] if r["setting"] == "wanda"}
+    assert all((r["score"], r["image"]) == mit[r["caption"]] for r in dori_rows if r["budget"] == 0)
     assert set(b["curves"]) == {"wanda+dori memorized", "none+dori non-memorized"}
     assert "Bypass benchmark" in html and (out / "plots" / "bypass_mr_vs_steps.png").is_file()
     assert len(list((out / "triggers" / "wanda").glob("*.safetensors"))) == 3

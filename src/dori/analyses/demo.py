@@ -244,7 +244,7 @@ def run_demo(
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
                           control=control_records(records, control_per_kind), max_targets=max_targets,
-                          token_variants=token_variants)
+                          token_variants=token_variants, prior_rows=samples)
         samples += rows
         results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori)}
         man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
