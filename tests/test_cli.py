@@ -25,3 +25,15 @@ def test_bad_input_is_one_clear_error_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
     r = _dori("demo", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "missing"))
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_mitigation_parameters_from_the_command_line(tmp_path):
+    from dori.cli import _method_params
+
+    assert _method_params(["wanda.sparsity=0.1", "wanda.layer_group=value", "nemo.seed=3"]) == {
+        "wanda": {"sparsity": 0.1, "layer_group": "value"}, "nemo": {"seed": 3}}
+    r = _dori("mitigate", "--method", "wanda", "--out", str(tmp_path / "o"), "--param", "sparsity=0.1")
+    assert r.returncode == 2 and "METHOD.KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
+    r = _dori("mitigate", "--method", "wanda", "--out", str(tmp_path / "o"), "--param", "wanda.sparsty=0.1")
+    assert r.returncode == 2 and "wanda has no parameter ['sparsty']" in r.stderr and "sparsity" in r.stderr
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -89,3 +89,27 @@ def test_wanda_selects_at_most_sparsity_per_row_per_step_and_changes_output(tiny
 
 def test_memorized_prompts_exist_in_tiny_set():
     assert MEMORIZED in {r.caption for r in load_prompt_set("tiny") if r.memorized}
+
+
+def test_a_changed_parameter_never_reuses_the_old_masks_or_images(tiny_pipe, tmp_path):
+    from dori.analyses.mitigate import run_mitigation
+    from dori.analyses.replication import evaluate_replication
+    from dori.metrics.pixel import PixelSSIM
+
+    recs = load_prompt_set("tiny")
+    sub = [r for r in recs if r.memorized][:2] + [r for r in recs if r.kind == "seen_once"][:2]
+    gen, metric = {"num_inference_steps": 5}, PixelSSIM()
+    base = evaluate_replication(tiny_pipe, sub, [0], metric, tmp_path, gen_kwargs=gen)
+
+    def run(sparsity):
+        return run_mitigation(tiny_pipe, Wanda(sparsity=sparsity, n_steps=2), sub, [0], metric, tmp_path, gen, base)
+
+    a, b = run(0.01), run(0.3)
+    cap = sub[0].caption
+    assert b["masks"][cap].meta["params"]["sparsity"] == 0.3 and len(b["masks"][cap]) > len(a["masks"][cap])
+    assert {r["image"] for r in a["samples"]}.isdisjoint(r["image"] for r in b["samples"])
+    assert [r["score"] for r in a["samples"]] != [r["score"] for r in b["samples"]]
+    again = run(0.01)  # back to the first parameters: its masks and images are found and reused as they were
+    assert again["samples"] == a["samples"]
+    assert all(torch.equal(again["masks"][c].layers[n], a["masks"][c].layers[n])
+               for c in a["masks"] for n in a["masks"][c].layers)

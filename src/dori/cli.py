@@ -26,6 +26,28 @@ def _ints(text: str, option: str = "--seeds") -> tuple[int, ...]:
         raise DoriError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
+def _method_params(items: list[str] | None) -> dict[str, dict]:
+    """``["wanda.sparsity=0.1", "nemo.layer_group=value"]`` -> ``{"wanda": {"sparsity": 0.1}, ...}``;
+    values are read as JSON when they parse (numbers, lists, true/false), else kept as text."""
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or method not in ("nemo", "wanda") or not name:
+            raise DoriError(f"--param takes METHOD.KEY=VALUE with METHOD nemo or wanda "
+                            f"(e.g. wanda.sparsity=0.1), got {item!r}")
+        try:
+            out.setdefault(method, {})[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(method, {})[name] = value
+    return out
+
+
+PARAM_HELP = "mitigation parameter METHOD.KEY=VALUE, repeatable (e.g. wanda.sparsity=0.1, wanda.layer_group=value)"
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(..., help="run directory (results.json, report.html, images)"),
@@ -43,6 +65,7 @@ def demo(
     budgets: str = typer.Option("0,10,50", help="DoRI budgets (steps) of the bypass stage's cost curve"),
     pairs: int = typer.Option(4, help="DoRI's (noise, timestep) pairs per step in the bypass stage (paper: 8)"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
+    param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
     them (Wanda; NeMo with --stages), attack the mitigation with DoRI; write results.json and report.html."""
@@ -51,7 +74,8 @@ def demo(
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
                    images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
-                   budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs))
+                   budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
+                   method_params=_method_params(param))
     _print_results(res, out)
 
 
@@ -112,6 +136,7 @@ def attack(
     init: str = typer.Option(None, help="prompt (default), random"),
     control: int = typer.Option(None, help="control photos per kind (seen-once, held-out); default: all"),
     token_variants: int = typer.Option(4, help="word-perturbed prompts per target (the discrete baseline)"),
+    param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     metric: str = typer.Option(None),
     sscd: str = typer.Option(None),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
@@ -129,7 +154,8 @@ def attack(
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric, sscd_path=sscd,
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
-                   control_per_kind=control, token_variants=token_variants, command="dori attack")
+                   control_per_kind=control, token_variants=token_variants, method_params=_method_params(param),
+                   command="dori attack")
     _print_results(res, out)
 
 
@@ -145,6 +171,7 @@ def mitigate(
     sscd: str = typer.Option(None),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
     device: str = typer.Option("cpu"),
+    param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
 ):
     """Localize a mask per memorized prompt with NeMo or Wanda, save the masks, and write the before/after
     table (results.json, report.html). The same run as `dori demo --stages generate,<method>`."""
@@ -152,7 +179,7 @@ def mitigate(
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
          steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts,
-         budgets="0", pairs=8)
+         budgets="0", pairs=8, param=param)
 
 
 @app.command("ls")

@@ -60,7 +60,7 @@ def control_records(records: Sequence[PromptRecord], per_kind: int | None = None
 
 
 def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, budgets: Sequence[int],
-                  run_dir: Path, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+                  run_dir: Path, seed: int, mask: Mask | None) -> dict[int, dict[str, torch.Tensor]]:
     """Triggers of one attack call, per budget and caption; loaded from disk when already computed.
 
     With restarts, each target keeps the restart with the lowest final loss (mean of the last 5 steps):
@@ -68,7 +68,8 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
     params = json.loads(json.dumps({"attack": attack.params(), "budgets": list(budgets), "seed": seed,
-                                    "group": [r.caption for r in recs]}))  # as it reads back from JSON
+                                    "group": [r.caption for r in recs],
+                                    "mask": mask.digest() if mask is not None else None}))  # as read back
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
@@ -155,7 +156,8 @@ def run_bypass(
     rows: list[dict] = []
     for setting, mask, recs in tqdm(jobs, desc="bypass"):
         with apply_mask(pipe, mask) if mask is not None else nullcontext():
-            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed)
+            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask)
+            under = (mask.digest(),) if mask is not None else ()  # item keys: never reuse another mask's images
             extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
             for b in budgets:
                 todo, got = recs, []
@@ -164,9 +166,10 @@ def run_bypass(
                     todo = [r for r in recs if r.caption not in same]
                     got = [row | {"stage": "bypass", "setting": f"{setting}+dori", **extra}
                            for r in recs if r.caption in same for row in same[r.caption]]
-                got += evaluate_replication(
-                    pipe, todo, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+dori", budget=b,
-                    store=store, gen_kwargs=gen_kwargs, embeds=trig[b], item_extra=extra) if todo else []
+                if todo:
+                    got += evaluate_replication(
+                        pipe, todo, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+dori", budget=b,
+                        store=store, gen_kwargs=gen_kwargs, embeds=trig[b], item_extra=extra, key_extra=under)
                 rows += [r | {"trigger_distance": _dist(trig, b, r["caption"])} for r in got]
             if random_baseline:  # Gaussian noise with the norm of DoRI's move at the largest budget
                 top = max(budgets)
@@ -175,7 +178,7 @@ def run_bypass(
                 got = evaluate_replication(
                     pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+random", budget=top,
                     store=store, gen_kwargs=gen_kwargs, embeds={r.caption: rp.trigger[i] for i, r in enumerate(recs)},
-                    item_extra={"attack": "random", "mask_size": extra["mask_size"]})
+                    item_extra={"attack": "random", "mask_size": extra["mask_size"]}, key_extra=under)
                 rows += [r | {"trigger_distance": _dist(trig, top, r["caption"])} for r in got]
             if token_variants:
                 tp = TokenPerturbation(variants=token_variants).attack(pipe, None, [r.caption for r in recs], seed=seed)
@@ -185,7 +188,8 @@ def run_bypass(
                     got = evaluate_replication(
                         pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+tokens", budget=0,
                         store=store, gen_kwargs=gen_kwargs, embeds={c: tp.trigger[i] for c, i in pick.items()},
-                        tag=f"_v{v}", item_extra={"attack": "tokens", "variant": v, "mask_size": extra["mask_size"]})
+                        item_extra={"attack": "tokens", "variant": v, "mask_size": extra["mask_size"]},
+                        key_extra=under)
                     rows += [r | {"trigger_prompt": texts[pick[r["caption"]]]} for r in got]
     return rows
 

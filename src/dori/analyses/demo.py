@@ -49,12 +49,31 @@ def run_detection(pipe, records, store: ItemStore) -> dict:
     return res
 
 
-def make_method(name: str, pipe, stats_prompts: str | None):
-    """NeMo or Wanda with the model's shipped settings (``dori_defaults.json`` "methods"), if any."""
+def check_method_params(method_params: dict[str, dict]) -> None:
+    """One clear error for an unknown mitigation or parameter name (before any stage runs)."""
+    import inspect
+
     from dori.mitigations.nemo import NeMo
     from dori.mitigations.wanda import Wanda
 
-    kwargs = dict(pipe.dori_method_defaults.get(name, {}))
+    for name, params in method_params.items():
+        cls = {"nemo": NeMo, "wanda": Wanda}.get(name)
+        if cls is None:
+            raise DoriError(f"unknown mitigation {name!r} in method parameters; known: nemo, wanda")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = set(params) - known
+        if unknown:
+            raise DoriError(f"{name} has no parameter {sorted(unknown)}; its parameters: {', '.join(sorted(known))}")
+
+
+def make_method(name: str, pipe, stats_prompts: str | None, overrides: dict | None = None):
+    """NeMo or Wanda with the model's shipped settings (``dori_defaults.json`` "methods"), if any, then
+    ``overrides`` (e.g. ``{"sparsity": 0.1, "layer_group": "value"}``)."""
+    from dori.mitigations.nemo import NeMo
+    from dori.mitigations.wanda import Wanda
+
+    check_method_params({name: overrides or {}})
+    kwargs = {**pipe.dori_method_defaults.get(name, {}), **(overrides or {})}
     if name == "wanda":
         return Wanda(**kwargs)
     nemo = NeMo(**kwargs)
@@ -176,6 +195,7 @@ def run_demo(
     control_per_kind: int | None = 2,
     max_targets: int | None = None,
     token_variants: int = 1,
+    method_params: dict[str, dict] | None = None,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
@@ -185,7 +205,8 @@ def run_demo(
     mitigation run in this call, or against the model as it is when none is, with the non-memorized
     control: ``control_per_kind`` seen-once and held-out photos, None = all; the random-perturbation
     baseline; ``token_variants`` word-perturbed prompts per target, the discrete baseline).
-    ``attack`` overrides DoRI's parameters (default: the model's shipped settings); ``budgets`` is the
+    ``method_params`` overrides a mitigation's parameters (``{"wanda": {"sparsity": 0.1}}``) and
+    ``attack`` DoRI's (default: the model's shipped settings); ``budgets`` is the
     cost-curve ladder (the attack runs ``max(budgets)`` steps).
 
     A killed run started again with the same arguments reuses the items it had finished.
@@ -196,8 +217,10 @@ def run_demo(
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
                   stages=list(stages), stats_prompts=stats_prompts, attack=attack, budgets=list(budgets),
-                  control_per_kind=control_per_kind, max_targets=max_targets, token_variants=token_variants)
+                  control_per_kind=control_per_kind, max_targets=max_targets, token_variants=token_variants,
+                  method_params=method_params)
     man = manifest(command, config, seeds)
+    check_method_params(method_params or {})
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
@@ -231,7 +254,7 @@ def run_demo(
     mitigations = {}
     for name in ("nemo", "wanda"):
         if name in stages:
-            method = make_method(name, pipe, stats_prompts)
+            method = make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
             plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
             res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain)
             samples += res["samples"]

@@ -9,6 +9,7 @@ with their unmitigated generations: ``pixel-ssim(mitigated, unmitigated)`` shoul
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -31,11 +32,17 @@ log = logging.getLogger(__name__)
 def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path) -> dict[str, Mask]:
     """One mask per record, loaded from the run directory when a previous run already computed it."""
     masks = {}
+    params = json.loads(json.dumps(method.params(), default=str))  # as it reads back from the mask's JSON
+    model = getattr(pipe, "dori_name", None)
     for rec in tqdm(records, desc=f"{method.name} localize"):
         path = run_dir / "masks" / method.name / slug(rec.caption)
         if path.with_suffix(".json").is_file():
-            masks[rec.caption] = Mask.load(path)
-            continue
+            saved = Mask.load(path)
+            if saved.meta.get("params") == params and saved.meta.get("model") == model:
+                masks[rec.caption] = saved
+                continue
+            log.info("%s: the saved mask of %r was made with other parameters; localizing again",
+                     method.name, rec.caption[:60])
         t0 = time.time()
         res = method.localize(pipe, rec.caption)
         mask = res.mask if hasattr(res, "mask") else res
@@ -59,7 +66,8 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
         with apply_mask(pipe, masks[rec.caption]):
             rows += evaluate_replication(pipe, [rec], seeds, metric, run_dir, stage="mitigate",
                                          setting=method.name, store=store, gen_kwargs=gen_kwargs,
-                                         item_extra={"mask_size": len(masks[rec.caption])})
+                                         item_extra={"mask_size": len(masks[rec.caption])},
+                                         key_extra=(masks[rec.caption].digest(),))
     joint = None
     for m in masks.values():
         joint = m if joint is None else joint.union(m)
@@ -67,7 +75,8 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
     joint.save(run_dir / "masks" / method.name / "_joint")
     with apply_mask(pipe, joint):
         rows += evaluate_replication(pipe, others, seeds, metric, run_dir, stage="mitigate",
-                                     setting=f"{method.name}-joint", store=store, gen_kwargs=gen_kwargs)
+                                     setting=f"{method.name}-joint", store=store, gen_kwargs=gen_kwargs,
+                                     key_extra=(joint.digest(),))
 
     # before/after per memorized caption
     before = {}

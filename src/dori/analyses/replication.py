@@ -50,13 +50,14 @@ def evaluate_replication(
     gen_kwargs: dict | None = None,
     item_extra: dict | None = None,
     embeds: dict[str, torch.Tensor] | None = None,
-    tag: str = "",
+    key_extra: Sequence[str] = (),
 ) -> list[dict]:
     """Generate ``records x seeds`` and return one sample row per image.
 
     With ``embeds`` (caption -> ``77 x D`` embedding, e.g. an attack's trigger) the images are generated
     from those embeddings instead of the captions; the embedding's digest is part of the item key.
-    ``tag`` is appended to the image file names (several embeddings per caption, e.g. prompt variants).
+    ``key_extra`` joins the item key (e.g. the digest of the mask the model runs under), so that a
+    resumed run never reuses images made under another mask.
 
     Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
     nearest_reference, nearest_score (best match among all references of the set: the
@@ -75,7 +76,7 @@ def evaluate_replication(
     def key(rec):
         digest = tensor_digest(embeds[rec.caption]) if embeds is not None else None
         return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
-                         *([digest] if digest else []))
+                         *([digest] if digest else []), *key_extra)
 
     pending = [r for r in records if store.get(key(r)) is None]
     per_batch = max(1, batch_size // len(seeds))
@@ -90,7 +91,8 @@ def evaluate_replication(
         sims = metric.pairwise(out.images, refs) if refs else None
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
             rec = chunk[pi]
-            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}{tag}_s{seed}.png"
+            # the item key in the name: images made under other settings, masks or embeddings never collide
+            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}_{key(rec)[:8]}_s{seed}.png"
             save_png(out.images[j], run_dir / rel)
             row = {"stage": stage, "setting": setting, "budget": budget, "caption": rec.caption,
                    "kind": rec.kind, "seed": seed, "image": rel, "reference": None, "score": None,

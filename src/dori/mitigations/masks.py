@@ -70,6 +70,15 @@ class Mask:
         return {n: (inter.layers[n].numel() / uni.layers[n].numel()) if uni.layers[n].numel() else 1.0
                 for n in uni.layers}
 
+    def digest(self) -> str:
+        """A short content hash of the kind and the indices (not the metadata)."""
+        import hashlib
+
+        from dori.reports.results import tensor_digest
+
+        parts = [self.kind] + [f"{n}:{tensor_digest(self.layers[n])}" for n in sorted(self.layers)]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (kind, layers, metadata)."""
         path = Path(path)
