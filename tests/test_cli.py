@@ -36,4 +36,10 @@ def test_mitigation_parameters_from_the_command_line(tmp_path):
     assert r.returncode == 2 and "METHOD.KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
     r = _dori("mitigate", "--method", "wanda", "--out", str(tmp_path / "o"), "--param", "wanda.sparsty=0.1")
     assert r.returncode == 2 and "wanda has no parameter ['sparsty']" in r.stderr and "sparsity" in r.stderr
-    assert not (tmp_path / "o" / "results.json").exists()
+    r = _dori("attack", "--out", str(tmp_path / "o"), "--mitigation", "wanda", "--param", "nemo.threshold=0.3")
+    assert r.returncode == 2 and "parameters given for nemo, which this run does not use" in r.stderr
+    for bad in ("wanda.sparsity=2", "wanda.layer_group=valu"):
+        r = _dori("mitigate", "--method", "wanda", "--out", str(tmp_path / "o"), "--param", bad)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "bad parameter value" in r.stderr or "Did you mean 'value'" in r.stderr
+    assert not (tmp_path / "o" / "items").exists()  # every error came before the first stage

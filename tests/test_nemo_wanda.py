@@ -38,7 +38,7 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
         seq = NeMo(**nemo_kwargs, batch_candidates=1).localize(tiny_pipe, MEMORIZED, stats)
     # the tiny model's property (docs/tiny-model.md): NeMo's threshold is out of reach, and it says so
     assert not seq.stats["threshold_reachable"]
-    assert any("no selection can meet it" in r.getMessage() for r in caplog.records)
+    assert any("almost surely out of reach" in r.getMessage() for r in caplog.records)
     bat = NeMo(**nemo_kwargs, batch_candidates=16).localize(tiny_pipe, MEMORIZED, stats)
     assert seq.memorized and bat.memorized
     assert seq.mask.counts() == bat.mask.counts()
@@ -109,7 +109,7 @@ def test_a_changed_parameter_never_reuses_the_old_masks_or_images(tiny_pipe, tmp
     assert b["masks"][cap].meta["params"]["sparsity"] == 0.3 and len(b["masks"][cap]) > len(a["masks"][cap])
     assert {r["image"] for r in a["samples"]}.isdisjoint(r["image"] for r in b["samples"])
     assert [r["score"] for r in a["samples"]] != [r["score"] for r in b["samples"]]
-    again = run(0.01)  # back to the first parameters: its masks and images are found and reused as they were
+    again = run(0.01)  # back to the first parameters: masks localized again (deterministic), images reused
     assert again["samples"] == a["samples"]
     assert all(torch.equal(again["masks"][c].layers[n], a["masks"][c].layers[n])
                for c in a["masks"] for n in a["masks"][c].layers)

@@ -37,6 +37,7 @@ from dori.analyses.replication import evaluate_replication
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
 from dori.data.prompts import PromptRecord, load_reference
+from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate, summarize
 from dori.mitigations.masks import Mask, apply_mask
@@ -68,7 +69,7 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
     params = json.loads(json.dumps({"attack": attack.params(), "budgets": list(budgets), "seed": seed,
-                                    "group": [r.caption for r in recs],
+                                    "group": [r.caption for r in recs], "model": getattr(pipe, "dori_name", None),
                                     "mask": mask.digest() if mask is not None else None}))  # as read back
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
@@ -130,6 +131,8 @@ def run_bypass(
             mitigation). A budget-0 trigger that equals its caption's embedding exactly gives the same
             images, so those rows are relabelled (same PNGs) instead of generated again.
     """
+    if token_variants < 0:
+        raise DoriError(f"token_variants must be 0 or more, got {token_variants}")
     run_dir = Path(run_dir)
     store = ItemStore(run_dir)
     budgets = sorted({0, *(int(b) for b in budgets)})  # 0: the starting embedding, first point of the curve
@@ -189,7 +192,7 @@ def run_bypass(
                         pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+tokens", budget=0,
                         store=store, gen_kwargs=gen_kwargs, embeds={c: tp.trigger[i] for c, i in pick.items()},
                         item_extra={"attack": "tokens", "variant": v, "mask_size": extra["mask_size"]},
-                        key_extra=under)
+                        key_extra=(*under, f"variant{v}"))
                     rows += [r | {"trigger_prompt": texts[pick[r["caption"]]]} for r in got]
     return rows
 
@@ -202,7 +205,8 @@ def _unchanged(pipe, recs, trig0: dict[str, torch.Tensor], plain, setting: str, 
     if not have:
         return {}
     enc = encode_prompts(pipe, [r.caption for r in have])
-    return {r.caption: sorted(plain[(setting, r.caption)], key=lambda x: x["seed"])
+    order = [int(s) for s in seeds]
+    return {r.caption: sorted(plain[(setting, r.caption)], key=lambda x: order.index(x["seed"]))
             for r, e in zip(have, enc, strict=True) if torch.equal(trig0[r.caption].to(e), e)}
 
 
@@ -234,8 +238,10 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
             table.append({"setting": label, **_stats(rows)})
 
     add("memorized (no mitigation)", by[("generate", "none", 0, True)] or by[("bypass", "none+dori", 0, True)])
-    if by[("bypass", "none+dori", top, True)]:
+    if by[("bypass", "none+dori", top, True)]:  # --mitigation none: the model as it is, attacked
         add(f"memorized + DoRI ({top} steps)", by[("bypass", "none+dori", top, True)])
+        add("memorized + random (same norm)", by[("bypass", "none+random", top, True)])
+        add("memorized + word-perturbed prompts", by[("bypass", "none+tokens", 0, True)])
     for m in settings:
         add(f"{m}", by[("bypass", f"{m}+dori", 0, True)])
         add(f"{m} + DoRI ({top} steps)", by[("bypass", f"{m}+dori", top, True)])

@@ -12,6 +12,7 @@ from dori.analyses.mitigate import run_mitigation
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
+from dori.models.layers import resolve_layers
 from dori.models.loading import load_pipeline
 from dori.reports.html import render_report
 from dori.reports.results import SCHEMA_VERSION, ItemStore, manifest, write_json
@@ -49,8 +50,9 @@ def run_detection(pipe, records, store: ItemStore) -> dict:
     return res
 
 
-def check_method_params(method_params: dict[str, dict]) -> None:
-    """One clear error for an unknown mitigation or parameter name (before any stage runs)."""
+def check_method_params(method_params: dict[str, dict], stages: Sequence[str] | None = None) -> None:
+    """One clear error for an unknown mitigation or parameter name, or parameters for a mitigation
+    that is not among ``stages`` (before any stage runs)."""
     import inspect
 
     from dori.mitigations.nemo import NeMo
@@ -60,6 +62,8 @@ def check_method_params(method_params: dict[str, dict]) -> None:
         cls = {"nemo": NeMo, "wanda": Wanda}.get(name)
         if cls is None:
             raise DoriError(f"unknown mitigation {name!r} in method parameters; known: nemo, wanda")
+        if stages is not None and name not in stages:
+            raise DoriError(f"parameters given for {name}, which this run does not use (stages: {', '.join(stages)})")
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = set(params) - known
         if unknown:
@@ -74,9 +78,14 @@ def make_method(name: str, pipe, stats_prompts: str | None, overrides: dict | No
 
     check_method_params({name: overrides or {}})
     kwargs = {**pipe.dori_method_defaults.get(name, {}), **(overrides or {})}
+    try:
+        method = (Wanda if name == "wanda" else NeMo)(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise DoriError(f"{name}: bad parameter value in {kwargs}: {e}") from None
+    resolve_layers(pipe.unet, method.layer_group)  # an unknown layer group is one clear error, now
     if name == "wanda":
-        return Wanda(**kwargs)
-    nemo = NeMo(**kwargs)
+        return method
+    nemo = method
     if stats_prompts:
         prompts = [r.caption for r in load_prompt_set(stats_prompts) if not r.memorized]
     elif getattr(pipe, "dori_name", "") == "tiny":
@@ -220,13 +229,15 @@ def run_demo(
                   control_per_kind=control_per_kind, max_targets=max_targets, token_variants=token_variants,
                   method_params=method_params)
     man = manifest(command, config, seeds)
-    check_method_params(method_params or {})
+    check_method_params(method_params or {}, stages)
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
     pipe = load_pipeline(model, device=device)
     m = make_metric(metric, pipe, sscd_path)
+    methods = {name: make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
+               for name in ("nemo", "wanda") if name in stages}  # bad parameter values fail here, early
     d = pipe.dori_defaults
     gen = dict(num_inference_steps=num_inference_steps or d.num_inference_steps,
                guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale)
@@ -254,7 +265,7 @@ def run_demo(
     mitigations = {}
     for name in ("nemo", "wanda"):
         if name in stages:
-            method = make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
+            method = methods[name]
             plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
             res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain)
             samples += res["samples"]

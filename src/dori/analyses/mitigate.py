@@ -41,12 +41,12 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path)
             if saved.meta.get("params") == params and saved.meta.get("model") == model:
                 masks[rec.caption] = saved
                 continue
-            log.info("%s: the saved mask of %r was made with other parameters; localizing again",
+            log.info("%s: the saved mask of %r was made with other parameters or another model; localizing again",
                      method.name, rec.caption[:60])
         t0 = time.time()
         res = method.localize(pipe, rec.caption)
         mask = res.mask if hasattr(res, "mask") else res
-        mask.meta["seconds"] = round(time.time() - t0, 2)
+        mask.meta.update(seconds=round(time.time() - t0, 2), params=params, model=model)
         mask.save(path)
         masks[rec.caption] = mask
     return masks

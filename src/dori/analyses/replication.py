@@ -76,6 +76,7 @@ def evaluate_replication(
     def key(rec):
         digest = tensor_digest(embeds[rec.caption]) if embeds is not None else None
         return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
+                         getattr(metric, "source", None), getattr(pipe, "dori_name", None), rec.reference,
                          *([digest] if digest else []), *key_extra)
 
     pending = [r for r in records if store.get(key(r)) is None]

@@ -67,7 +67,8 @@ class RandomPerturbation:
 
 class TokenPerturbation:
     """Word-level perturbations of the prompt: each word is dropped, replaced by a random vocabulary
-    word, or swapped with its neighbour, each with probability ``p``; ``variants`` prompts per target."""
+    word, or swapped with its neighbour, each with probability ``p``; ``variants`` prompts per target,
+    each different from the prompt (redrawn up to 100 times)."""
 
     name = "tokens"
 
@@ -87,12 +88,19 @@ class TokenPerturbation:
                 out[i], out[i + 1] = out[i + 1], out[i]
         return " ".join(out) or caption
 
+    def _changed(self, caption: str, rng: random.Random, vocab: Sequence[str]) -> str:
+        for _ in range(100):
+            text = self.perturb(caption, rng, vocab)
+            if text != caption:
+                return text
+        return text
+
     def attack(self, pipe, images: torch.Tensor, prompts: Sequence[str], seed: int = 0) -> AttackResult:
         t0 = time.time()
         rng = random.Random(seed)
         vocab = sorted(w[:-4] for w in pipe.tokenizer.get_vocab() if w.endswith("</w>") and w[:-4].isalpha())
         idx = [i for i in range(len(prompts)) for _ in range(self.variants)]
-        texts = [self.perturb(prompts[i], rng, vocab) for i in idx]
+        texts = [self._changed(prompts[i], rng, vocab) for i in idx]
         y0 = encode_prompts(pipe, prompts)[idx]
         return _result(self.name, y0, encode_prompts(pipe, texts), idx, t0, variants=self.variants, p=self.p,
                        prompts=texts)

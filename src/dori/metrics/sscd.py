@@ -66,6 +66,7 @@ class SSCD(ReplicationMetric):
             raise DoriError(f"unknown SSCD protocol {protocol!r}; use 'nemo' or 'wen'")
         self.protocol, self.name, self.threshold = protocol, f"sscd-{protocol}", SSCD_THRESHOLD
         self.device, self.batch_size = device, batch_size
+        self.source = str(model_path)  # which network scored (part of a run's item keys)
         if model is None:
             path = Path(model_path).expanduser()
             if not path.is_file():

@@ -112,11 +112,12 @@ class NeMo:
         self.stats_cache = Path(stats_cache or os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
         self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._calls = self._checks = self._speculative = 0
+        self.stats_key: str | None = None  # which statistics (model, layers, prompts, weights) are fitted
 
     def params(self) -> dict:
         return dict(layer_group=self.layer_group, theta=self.theta0, theta_step=self.theta_step,
                     theta_min=self.theta_min, k=self.k0, threshold=self.threshold,
-                    pairwise_threshold=self.pairwise_threshold, seeds=self.seeds)
+                    pairwise_threshold=self.pairwise_threshold, seeds=self.seeds, statistics=self.stats_key)
 
     def __repr__(self) -> str:
         return "NeMo(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
@@ -133,6 +134,7 @@ class NeMo:
         key = hashlib.sha1(json.dumps([getattr(pipe, "dori_name", "?"), self.layer_group, list(prompts),
                                        _weights_digest(pipe, self.layer_group)]).encode()).hexdigest()[:16]
         path = self.stats_cache / "nemo_stats" / f"{key}.safetensors"
+        self.stats_key = key
         if path.is_file():
             t = load_file(str(path))
             names = json.loads(t.pop("__names__").numpy().tobytes().decode())
@@ -213,8 +215,9 @@ class NeMo:
         floor = self.signal_floor(pipe, embeds, vanilla, looked)
         if floor > self.threshold:
             log.warning("NeMo: %r: the signal stays at %.3f with every neuron of %r deactivated, above the "
-                        "threshold %.3f: no selection can meet it on this model, so the search runs to its "
-                        "floor. Calibrate the threshold for this model or search a larger layer group.",
+                        "threshold %.3f: the threshold is almost surely out of reach on this model and the "
+                        "search will run to its floor. Calibrate the threshold for this model or search a "
+                        "larger layer group.",
                         prompt[:60], floor, self.layer_group, self.threshold)
 
         # 3. initial selection: rounds (theta_r, k_r) are fixed in advance, so a batch of rounds is exact

@@ -48,7 +48,8 @@ class Wanda:
 
     def params(self) -> dict:
         return dict(layer_group=self.layer_group, sparsity=self.sparsity, n_steps=self.n_steps,
-                    base_prompt=self.base_prompt, seeds=list(self.seeds))
+                    base_prompt=self.base_prompt, seeds=list(self.seeds),
+                    num_inference_steps=self.num_inference_steps)
 
     def __repr__(self) -> str:
         return "Wanda(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
