@@ -66,6 +66,8 @@ def demo(
     pairs: int = typer.Option(4, help="DoRI's (noise, timestep) pairs per step in the bypass stage (paper: 8)"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    per_prompt_fidelity: bool = typer.Option(False, help="also generate each non-memorized caption under one "
+                                             "memorized caption's own mask (besides the joint mask)"),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
     them (Wanda; NeMo with --stages), attack the mitigation with DoRI; write results.json and report.html."""
@@ -75,7 +77,7 @@ def demo(
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
                    images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
                    budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
-                   method_params=_method_params(param))
+                   method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity)
     _print_results(res, out)
 
 
@@ -100,8 +102,10 @@ def _print_results(res: dict, out: Path) -> None:
     for name, mres in res.get("mitigations", {}).items():
         sm = mres["summary"]
         fid = sm["non_memorized_similarity_to_unmitigated"]
+        own = sm.get("non_memorized_similarity_per_prompt_mask")
         Console().print(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
-                        f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {fid['mean']:.2f}")
+                        f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {fid['mean']:.2f} "
+                        f"(joint mask)" + (f", {own['mean']:.2f} (one prompt's own mask)" if own else ""))
     if "bypass" in res:
         b = res["bypass"]
         table = Table(title=f"bypass benchmark: {b['attack']}")
@@ -155,7 +159,7 @@ def attack(
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                    control_per_kind=control, token_variants=token_variants, method_params=_method_params(param),
-                   command="dori attack")
+                   per_prompt_fidelity=True, command="dori attack")
     _print_results(res, out)
 
 
@@ -179,7 +183,7 @@ def mitigate(
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
          steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts,
-         budgets="0", pairs=8, param=param)
+         budgets="0", pairs=8, param=param, per_prompt_fidelity=True)
 
 
 @app.command("ls")

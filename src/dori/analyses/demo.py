@@ -205,6 +205,7 @@ def run_demo(
     max_targets: int | None = None,
     token_variants: int = 1,
     method_params: dict[str, dict] | None = None,
+    per_prompt_fidelity: bool = False,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
@@ -214,9 +215,10 @@ def run_demo(
     mitigation run in this call, or against the model as it is when none is, with the non-memorized
     control: ``control_per_kind`` seen-once and held-out photos, None = all; the random-perturbation
     baseline; ``token_variants`` word-perturbed prompts per target, the discrete baseline).
-    ``method_params`` overrides a mitigation's parameters (``{"wanda": {"sparsity": 0.1}}``) and
-    ``attack`` DoRI's (default: the model's shipped settings); ``budgets`` is the
-    cost-curve ladder (the attack runs ``max(budgets)`` steps).
+    ``per_prompt_fidelity`` also generates each non-memorized caption under one memorized caption's own
+    mask (besides the joint mask). ``method_params`` overrides a mitigation's parameters
+    (``{"wanda": {"sparsity": 0.1}}``) and ``attack`` DoRI's (default: the model's shipped settings);
+    ``budgets`` is the cost-curve ladder (the attack runs ``max(budgets)`` steps).
 
     A killed run started again with the same arguments reuses the items it had finished.
     """
@@ -227,7 +229,7 @@ def run_demo(
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
                   stages=list(stages), stats_prompts=stats_prompts, attack=attack, budgets=list(budgets),
                   control_per_kind=control_per_kind, max_targets=max_targets, token_variants=token_variants,
-                  method_params=method_params)
+                  method_params=method_params, per_prompt_fidelity=per_prompt_fidelity)
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
     unknown = set(stages) - set(STAGES)
@@ -267,7 +269,7 @@ def run_demo(
         if name in stages:
             method = methods[name]
             plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
-            res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain)
+            res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity)
             samples += res["samples"]
             mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:

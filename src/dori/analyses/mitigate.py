@@ -54,8 +54,13 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path)
 
 def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequence[int],
                    metric: ReplicationMetric, run_dir: str | Path, gen_kwargs: dict,
-                   baseline_rows: list[dict]) -> dict:
-    """Localize per memorized prompt, evaluate, and return ``{"samples", "table", "summary", "masks"}``."""
+                   baseline_rows: list[dict], per_prompt_fidelity: bool = False) -> dict:
+    """Localize per memorized prompt, evaluate, and return ``{"samples", "table", "summary", "masks"}``.
+
+    With ``per_prompt_fidelity``, each non-memorized caption is also generated under one memorized
+    caption's own mask (assigned in turn; setting ``<method>-own``), the intervention the per-image
+    evaluation makes, next to the joint mask's (the union over all memorized captions).
+    """
     run_dir = Path(run_dir)
     store = ItemStore(run_dir)
     mem = [r for r in records if r.memorized and r.reference_status == "ok"]
@@ -77,6 +82,19 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
         rows += evaluate_replication(pipe, others, seeds, metric, run_dir, stage="mitigate",
                                      setting=f"{method.name}-joint", store=store, gen_kwargs=gen_kwargs,
                                      key_extra=(joint.digest(),))
+
+    own_rows = []
+    if per_prompt_fidelity and mem:
+        for i, m_rec in enumerate(mem):
+            assigned = others[i :: len(mem)]
+            if not assigned:
+                continue
+            mask = masks[m_rec.caption]
+            with apply_mask(pipe, mask):
+                own_rows += evaluate_replication(pipe, assigned, seeds, metric, run_dir, stage="mitigate",
+                                                 setting=f"{method.name}-own", store=store, gen_kwargs=gen_kwargs,
+                                                 item_extra={"mask_of": m_rec.caption}, key_extra=(mask.digest(),))
+        rows += own_rows
 
     # before/after per memorized caption
     before = {}
@@ -106,6 +124,8 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
         "joint_mask_counts": joint.counts(),
         "non_memorized_similarity_to_unmitigated": fidelity,
     }
+    if own_rows:
+        summary["non_memorized_similarity_per_prompt_mask"] = _fidelity(run_dir, baseline_rows, own_rows)
     return {"samples": rows, "table": table, "summary": summary, "masks": masks}
 
 

@@ -142,6 +142,10 @@ def render_report(run_dir: str | Path) -> Path:
                      f"with the joint mask: {html.escape(sm['non_memorized_similarity_to_unmitigated']['measure'])}"
                      f" = {sm['non_memorized_similarity_to_unmitigated']['mean']:.3f} (min "
                      f"{sm['non_memorized_similarity_to_unmitigated']['min']:.3f})</p>")
+        own = sm.get("non_memorized_similarity_per_prompt_mask")
+        if own and own["mean"] is not None:
+            parts.append(f"<p>non-memorized captions each under one memorized caption's own mask: "
+                         f"{own['mean']:.3f} (min {own['min']:.3f})</p>")
         cols = ["caption", "mask_size", "score_before", "mr_before", "score_after", "mr_after", "seconds"]
         cols += [c for c in ("signal_floor", "threshold_reachable") if any(c in t for t in mres["table"])]
         parts.append(_table(mres["table"], cols))
