@@ -89,3 +89,29 @@ def test_baselines_share_the_interface(tiny_pipe):
     assert a.params["prompts"] == b.params["prompts"] and len(a.params["prompts"]) == 6
     assert any(p not in caps for p in a.params["prompts"])
     assert a.trigger.shape == (6, 77, 64)
+
+
+def test_dori_brings_back_a_wanda_pruned_image_but_not_a_photo_it_never_memorized(tiny_pipe):
+    """The paper's finding on the tiny model, with its shipped Wanda setting (a real run, 2 seeds)."""
+    from dori.analyses.demo import make_attack, make_method
+    from dori.metrics.pixel import PixelSSIM
+    from dori.mitigations.masks import apply_mask
+    from dori.models.generate import generate
+
+    recs = {r.reference: r for r in tiny_prompt_set() if r.reference}
+    target, control = recs["tiny:photo/motorcycle"], recs["tiny:photo/flower"]
+    metric, seeds = PixelSSIM(), [0, 1]
+    attack = make_attack(tiny_pipe, {"steps": 50, "pairs": 4})
+
+    def scores(rec, embeds=None):
+        kw = {"prompt_embeds": embeds} if embeds is not None else {"prompts": [rec.caption]}
+        return metric.score(generate(tiny_pipe, seeds=seeds, **kw).images, load_reference(rec))
+
+    assert (scores(target) > metric.threshold).all()  # memorized
+    mask = make_method("wanda", tiny_pipe, None).localize(tiny_pipe, target.caption)
+    with apply_mask(tiny_pipe, mask):
+        assert (scores(target) < metric.threshold).all()  # mitigated: the prompt no longer replicates
+        trigger = attack.attack(tiny_pipe, load_reference(target)[None], prompts=[target.caption]).trigger
+        assert (scores(target, trigger) > metric.threshold).all()  # retained: DoRI brings it back
+    trigger = attack.attack(tiny_pipe, load_reference(control)[None], prompts=[control.caption]).trigger
+    assert (scores(control, trigger) < metric.threshold).all()  # the same attack cannot force a held-out photo
