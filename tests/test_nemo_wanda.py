@@ -105,16 +105,6 @@ def test_a_changed_parameter_never_reuses_the_old_masks_or_images(tiny_pipe, tmp
         return run_mitigation(tiny_pipe, Wanda(sparsity=sparsity, n_steps=2), sub, [0], metric, tmp_path, gen, base)
 
     a, b = run(0.01), run(0.3)
-    own = [r for r in a["samples"] if r["setting"] == "wanda-own"]
-    assert not own  # off by default
-    c = run_mitigation(tiny_pipe, Wanda(sparsity=0.01, n_steps=2), sub, [0], metric, tmp_path, gen, base,
-                       per_prompt_fidelity=True)
-    own = [r for r in c["samples"] if r["setting"] == "wanda-own"]
-    # each non-memorized caption once, under one memorized caption's own mask, in turn
-    assert [(r["caption"], r["mask_of"]) for r in own] == [(sub[2].caption, sub[0].caption),
-                                                           (sub[3].caption, sub[1].caption)]
-    sim = c["summary"]["non_memorized_similarity_per_prompt_mask"]
-    assert sim["n"] == 2 and 0 < sim["min"] <= sim["mean"] <= 1
     cap = sub[0].caption
     assert b["masks"][cap].meta["params"]["sparsity"] == 0.3 and len(b["masks"][cap]) > len(a["masks"][cap])
     assert {r["image"] for r in a["samples"]}.isdisjoint(r["image"] for r in b["samples"])
@@ -123,3 +113,14 @@ def test_a_changed_parameter_never_reuses_the_old_masks_or_images(tiny_pipe, tmp
     assert again["samples"] == a["samples"]
     assert all(torch.equal(again["masks"][c].layers[n], a["masks"][c].layers[n])
                for c in a["masks"] for n in a["masks"][c].layers)
+
+    # per-prompt fidelity: off by default; when on, each non-memorized caption once, under one memorized
+    # caption's own mask, in turn
+    assert not [r for r in a["samples"] if r["setting"] == "wanda-own"]
+    on = run_mitigation(tiny_pipe, Wanda(sparsity=0.01, n_steps=2), sub, [0], metric, tmp_path, gen, base,
+                        per_prompt_fidelity=True)
+    own = [r for r in on["samples"] if r["setting"] == "wanda-own"]
+    assert [(r["caption"], r["mask_of"]) for r in own] == [(sub[2].caption, sub[0].caption),
+                                                           (sub[3].caption, sub[1].caption)]
+    sim = on["summary"]["non_memorized_similarity_per_prompt_mask"]
+    assert sim["n"] == 2 and 0 < sim["min"] <= sim["mean"] <= 1

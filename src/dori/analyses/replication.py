@@ -73,13 +73,14 @@ def evaluate_replication(
     ref_keys = list(bank)
     refs = [bank[k][1] for k in ref_keys] or None  # a list: references may differ in size
 
-    def key(rec):
+    def item_key(rec):
         digest = tensor_digest(embeds[rec.caption]) if embeds is not None else None
         return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
                          getattr(metric, "source", None), getattr(pipe, "dori_name", None), rec.reference,
                          *([digest] if digest else []), *key_extra)
 
-    pending = [r for r in records if store.get(key(r)) is None]
+    keys = {r.caption: item_key(r) for r in records}
+    pending = [r for r in records if store.get(keys[r.caption]) is None]
     per_batch = max(1, batch_size // len(seeds))
     rows_by_caption: dict[str, list[dict]] = {}
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
@@ -93,7 +94,7 @@ def evaluate_replication(
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
             rec = chunk[pi]
             # the item key in the name: images made under other settings, masks or embeddings never collide
-            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}_{key(rec)[:8]}_s{seed}.png"
+            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}_{keys[rec.caption][:8]}_s{seed}.png"
             save_png(out.images[j], run_dir / rel)
             row = {"stage": stage, "setting": setting, "budget": budget, "caption": rec.caption,
                    "kind": rec.kind, "seed": seed, "image": rel, "reference": None, "score": None,
@@ -116,5 +117,5 @@ def evaluate_replication(
             row.update(item_extra or {})
             rows_by_caption.setdefault(rec.caption, []).append(row)
         for rec in chunk:
-            store.put(key(rec), rows_by_caption[rec.caption])
-    return [row for rec in records for row in store.get(key(rec))]
+            store.put(keys[rec.caption], rows_by_caption[rec.caption])
+    return [row for rec in records for row in store.get(keys[rec.caption])]
