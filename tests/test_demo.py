@@ -39,10 +39,18 @@ def test_demo_writes_rows_images_and_report(demo_run):
     html = (out / "report.html").read_text()
     assert "generate/none/memorized" in html and "<img" in html
     assert (out / "plots" / "scores.png").is_file() and (out / "plots" / "roc.png").is_file()
-    assert res["detection"]["auroc"] >= 0.95
+    det = {d["name"]: d for d in res["detection"]}
+    assert list(det) == ["noise-magnitude", "seed-consistency"]
+    assert det["noise-magnitude"]["auroc"] >= 0.9 and det["seed-consistency"]["auroc"] >= 0.95, det
+    assert det["seed-consistency"]["flagged_memorized"] == 1.0
+    # max_targets=3: the first 3 memorized captions are mitigated (and attacked)
     w = res["mitigations"]["wanda"]
-    assert len(w["table"]) == 8 and all(t["mask_size"] > 0 for t in w["table"])
-    assert len(list((out / "masks" / "wanda").glob("*.safetensors"))) == 9  # 8 prompts + joint
+    assert len(w["table"]) == 3 and all(t["mask_size"] > 0 for t in w["table"])
+    assert len(list((out / "masks" / "wanda").glob("*.safetensors"))) == 4  # 3 prompts + joint
+    # the side effect is measured on the first 4 non-memorized captions of each kind (the demo's default)
+    joint = [r for r in res["samples"] if r["setting"] == "wanda-joint"]
+    kinds = {r["kind"] for r in res["prompts"] if r["kind"] != "memorized"}
+    assert sorted(r["kind"] for r in joint) == sorted(k for k in kinds for _ in range(4))
     b = res["bypass"]
     labels = [r["setting"] for r in b["table"]]
     assert labels == ["memorized (no mitigation)", "wanda", "wanda + DoRI (3 steps)", "wanda + random (same norm)",

@@ -1,6 +1,7 @@
 import pytest
 
 from dori import load_prompt_set
+from dori.detectors.nemo import SeedConsistency
 from dori.detectors.wen import NoiseMagnitude, detection_metrics
 
 
@@ -9,6 +10,18 @@ def test_noise_magnitude_separates_memorized_captions(tiny_pipe):
     scores = NoiseMagnitude().score(tiny_pipe, [r.caption for r in recs])
     m = detection_metrics(scores.tolist(), [r.memorized for r in recs])
     assert m["auroc"] >= 0.95, m["auroc"]
+
+
+def test_seed_consistency_flags_memorized_captions(tiny_pipe):
+    recs = load_prompt_set("tiny")
+    scores = SeedConsistency().score(tiny_pipe, [r.caption for r in recs])
+    m = detection_metrics(scores.tolist(), [r.memorized for r in recs])
+    assert m["auroc"] >= 0.95, m["auroc"]
+    # the shipped NeMo pairwise threshold sits below every memorized caption (NeMo looks at its seeds)
+    thr = tiny_pipe.dori_method_defaults["nemo"]["pairwise_threshold"]
+    assert all(s > thr for s, r in zip(scores.tolist(), recs, strict=True) if r.memorized)
+    with pytest.raises(ValueError, match="n_seeds"):
+        SeedConsistency(n_seeds=1)
 
 
 def test_detection_metrics_on_known_scores():

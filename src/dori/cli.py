@@ -60,8 +60,11 @@ def demo(
     steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
     guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
     device: str = typer.Option("cpu"),
-    stages: str = typer.Option("generate,detect,wanda,bypass",
+    stages: str = typer.Option("generate,detect,nemo,wanda,bypass",
                                help="comma-separated stages: generate, detect, nemo, wanda, bypass"),
+    targets: int = typer.Option(3, help="memorized captions mitigated and attacked, the first N (0 = all)"),
+    fidelity_per_kind: int = typer.Option(4, help="non-memorized captions of each kind generated under the "
+                                                  "mitigations to measure their side effect (0 = all)"),
     budgets: str = typer.Option("0,10,50", help="DoRI budgets (steps) of the bypass stage's cost curve"),
     pairs: int = typer.Option(4, help="DoRI's (noise, timestep) pairs per step in the bypass stage (paper: 8)"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
@@ -70,14 +73,16 @@ def demo(
                                              "memorized caption's own mask (besides the joint mask)"),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
-    them (Wanda; NeMo with --stages), attack the mitigation with DoRI; write results.json and report.html."""
+    them (NeMo, Wanda) and attack the mitigations with DoRI; write results.json and report.html."""
     from dori.analyses.demo import run_demo
 
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
                    images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
                    budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
-                   method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity)
+                   method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity,
+                   max_targets=targets if targets else None,
+                   fidelity_per_kind=fidelity_per_kind if fidelity_per_kind else None)
     _print_results(res, out)
 
 
@@ -86,19 +91,31 @@ def _list(text: str) -> list[str]:
 
 
 def _print_results(res: dict, out: Path) -> None:
+    if res["aggregates"]:
+        _print_replication(res)
+    _print_analyses(res, out)
+
+
+def _print_replication(res: dict) -> None:
     table = Table(title=f"replication ({res['metric']['name']}, threshold {res['metric']['threshold']})")
     for col in ("stage/setting/kind", "images", "score mean ± std", "MR"):
         table.add_column(col)
     for k, v in res["aggregates"].items():
         table.add_row(k, str(v["n_images"]), f"{v['score_mean']:.3f} ± {v['score_std']:.3f}", f"{v['mr']:.2f}")
     Console().print(table)
+
+
+def _print_analyses(res: dict, out: Path) -> None:
     if "procedural" in res:
         p = res["procedural"]
         Console().print(f"procedural captions: colour {p['color_accuracy']:.2f}, shape {p['shape_accuracy']:.2f}, "
                         f"background {p['background_accuracy']:.2f}, all three {p['all_accuracy']:.2f}")
-    if "detection" in res:
-        d = res["detection"]
-        Console().print(f"detection (noise magnitude): AUROC {d['auroc']:.3f}, TPR@1%FPR {d['tpr_at_1pct_fpr']:.2f}")
+    for d in res.get("detection", []):
+        line = f"detection ({d['name']}): AUROC {d['auroc']:.3f}, TPR@1%FPR {d['tpr_at_1pct_fpr']:.2f}"
+        if "threshold" in d:
+            line += (f"; above threshold {d['threshold']}: memorized {d['flagged_memorized']:.2f}, "
+                     f"others {d['flagged_others']:.2f}")
+        Console().print(line)
     for name, mres in res.get("mitigations", {}).items():
         sm = mres["summary"]
         fid = sm["non_memorized_similarity_to_unmitigated"]
@@ -122,6 +139,26 @@ def _print_results(res: dict, out: Path) -> None:
         if t["n"]:
             Console().print(f"attack time per target image: {t['mean_seconds_per_image']:.1f} s (n={t['n']})")
     Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
+
+
+@app.command()
+def detect(
+    out: Path = typer.Option(..., help="run directory (results.json, report.html with the ROC)"),
+    model: str = typer.Option("tiny", help="'tiny', a local diffusers folder, or a cached hub id"),
+    prompts: str = typer.Option("tiny", help="prompt set name or file; memorized = its VM/TM/memorized rows"),
+    images_dir: str = typer.Option(None),
+    seeds: str = typer.Option("0,1,2,3", help="seeds of the noise-magnitude detector"),
+    detectors: str = typer.Option(",".join(("noise-magnitude", "seed-consistency")),
+                                  help="comma-separated: noise-magnitude (Wen et al.), seed-consistency (NeMo)"),
+    device: str = typer.Option("cpu"),
+):
+    """Score every caption with the memorization detectors: per-prompt scores, AUROC and TPR at 1% FPR
+    (memorized vs the rest) in results.json, the ROC in report.html. No image is generated."""
+    from dori.analyses.demo import run_demo
+
+    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), device=device,
+                   images_dir=images_dir, stages=["detect"], detectors=_list(detectors), command="dori detect")
+    _print_results(res, out)
 
 
 @app.command()
@@ -159,7 +196,7 @@ def attack(
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                    control_per_kind=control, token_variants=token_variants, method_params=_method_params(param),
-                   per_prompt_fidelity=True, command="dori attack")
+                   per_prompt_fidelity=True, max_targets=None, fidelity_per_kind=None, command="dori attack")
     _print_results(res, out)
 
 
@@ -183,7 +220,7 @@ def mitigate(
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
          steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts,
-         budgets="0", pairs=8, param=param, per_prompt_fidelity=True)
+         budgets="0", pairs=8, param=param, per_prompt_fidelity=True, targets=0, fidelity_per_kind=0)
 
 
 @app.command("ls")

@@ -25,7 +25,7 @@ import json
 import logging
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dori.analyses.replication import evaluate_replication
+from dori.analyses.replication import EvalRequest, evaluate_requests
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
 from dori.data.prompts import PromptRecord, load_reference
@@ -162,38 +162,40 @@ def run_bypass(
             trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask)
             under = (mask.digest(),) if mask is not None else ()  # item keys: never reuse another mask's images
             extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
+            # every budget and baseline of this job in one request list: their images share UNet batches
+            reqs: list[tuple[EvalRequest, Callable[[dict], dict]]] = []
             for b in budgets:
-                todo, got = recs, []
+                todo = recs
                 if b == 0 and plain:
                     same = _unchanged(pipe, recs, trig[0], plain, setting, seeds)
                     todo = [r for r in recs if r.caption not in same]
-                    got = [row | {"stage": "bypass", "setting": f"{setting}+dori", **extra}
-                           for r in recs if r.caption in same for row in same[r.caption]]
+                    rows += [row | {"stage": "bypass", "setting": f"{setting}+dori", **extra,
+                                    "trigger_distance": 0.0}
+                             for r in recs if r.caption in same for row in same[r.caption]]
                 if todo:
-                    got += evaluate_replication(
-                        pipe, todo, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+dori", budget=b,
-                        store=store, gen_kwargs=gen_kwargs, embeds=trig[b], item_extra=extra, key_extra=under)
-                rows += [r | {"trigger_distance": _dist(trig, b, r["caption"])} for r in got]
+                    reqs.append((EvalRequest(todo, "bypass", f"{setting}+dori", b, trig[b], extra, under),
+                                 lambda r, b=b, trig=trig: r | {"trigger_distance": _dist(trig, b, r["caption"])}))
             if random_baseline:  # Gaussian noise with the norm of DoRI's move at the largest budget
                 top = max(budgets)
                 norms = [_dist(trig, top, r.caption) for r in recs]
                 rp = RandomPerturbation().attack(pipe, None, [r.caption for r in recs], norms=norms, seed=seed)
-                got = evaluate_replication(
-                    pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+random", budget=top,
-                    store=store, gen_kwargs=gen_kwargs, embeds={r.caption: rp.trigger[i] for i, r in enumerate(recs)},
-                    item_extra={"attack": "random", "mask_size": extra["mask_size"]}, key_extra=under)
-                rows += [r | {"trigger_distance": _dist(trig, top, r["caption"])} for r in got]
+                reqs.append((EvalRequest(recs, "bypass", f"{setting}+random", top,
+                                         {r.caption: rp.trigger[i] for i, r in enumerate(recs)},
+                                         {"attack": "random", "mask_size": extra["mask_size"]}, under),
+                             lambda r, top=top, trig=trig: r | {"trigger_distance": _dist(trig, top, r["caption"])}))
             if token_variants:
                 tp = TokenPerturbation(variants=token_variants).attack(pipe, None, [r.caption for r in recs], seed=seed)
                 texts = tp.params["prompts"]
                 for v in range(token_variants):
                     pick = {r.caption: i * token_variants + v for i, r in enumerate(recs)}
-                    got = evaluate_replication(
-                        pipe, recs, seeds, metric, run_dir, stage="bypass", setting=f"{setting}+tokens", budget=0,
-                        store=store, gen_kwargs=gen_kwargs, embeds={c: tp.trigger[i] for c, i in pick.items()},
-                        item_extra={"attack": "tokens", "variant": v, "mask_size": extra["mask_size"]},
-                        key_extra=(*under, f"variant{v}"))
-                    rows += [r | {"trigger_prompt": texts[pick[r["caption"]]]} for r in got]
+                    reqs.append((EvalRequest(recs, "bypass", f"{setting}+tokens", 0,
+                                             {c: tp.trigger[i] for c, i in pick.items()},
+                                             {"attack": "tokens", "variant": v, "mask_size": extra["mask_size"]},
+                                             (*under, f"variant{v}")),
+                                 lambda r, pick=pick, texts=texts: r | {"trigger_prompt": texts[pick[r["caption"]]]}))
+            done = evaluate_requests(pipe, [q for q, _ in reqs], seeds, metric, run_dir, store=store,
+                                     gen_kwargs=gen_kwargs)
+            rows += [finish(r) for (_, finish), got in zip(reqs, done, strict=True) for r in got]
     return rows
 
 

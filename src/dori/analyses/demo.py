@@ -25,29 +25,64 @@ log = logging.getLogger(__name__)
 DEMO_SEEDS = (0, 1)
 DEMO_ATTACK = {"pairs": 4}
 DEMO_BUDGETS = (0, 10, 50)
+# The demo mitigates and attacks the first 3 memorized images and measures the mitigations' effect on 4
+# captions of each non-memorized kind, so that every stage (NeMo included) fits in 5 minutes on 2 CPU
+# cores; `dori attack` and `dori mitigate` use them all.
+DEMO_TARGETS = 3
+DEMO_FIDELITY_PER_KIND = 4
 STAGES = ("generate", "detect", "nemo", "wanda", "bypass")
 # NeMo (13-23 s per memorized prompt on 2 CPU cores, plus its evaluation and bypass: the demo with it took
 # 593 s instead of 274 s) does not fit in the 5-minute demo, so it is opt-in
-DEFAULT_STAGES = ("generate", "detect", "wanda", "bypass")
+DEFAULT_STAGES = STAGES
 
 
-def run_detection(pipe, records, store: ItemStore) -> dict:
-    """Noise-magnitude score of every caption; AUROC and TPR at 1% FPR, memorized vs the rest."""
-    from dori.detectors.wen import NoiseMagnitude, detection_metrics
+DETECTORS = ("noise-magnitude", "seed-consistency")
 
-    det = NoiseMagnitude()
+
+def make_detector(name: str, seeds: Sequence[int]):
+    """A detector by name: Wen et al.'s noise magnitude over ``seeds``, or NeMo's seed consistency."""
+    from dori.detectors.nemo import SeedConsistency
+    from dori.detectors.wen import NoiseMagnitude
+
+    if name == "noise-magnitude":
+        return NoiseMagnitude(seeds=seeds)
+    if name == "seed-consistency":
+        return SeedConsistency()
+    raise DoriError(f"unknown detector {name!r}; detectors: {', '.join(DETECTORS)}")
+
+
+def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1, 2, 3),
+                  detectors: Sequence[str] = DETECTORS) -> list[dict]:
+    """Every caption's score under each detector; AUROC and TPR at 1% FPR, memorized vs the rest.
+
+    NeMo's seed consistency also reports the share of memorized and of other captions above the
+    model's calibrated NeMo pairwise threshold (``dori_defaults.json``; NeMo's 0.428 for other models).
+    """
+    from dori.detectors.wen import detection_metrics
+
     caps = [r.caption for r in records]
-    key = store.key("detect", repr(det), caps)
-    cached = store.get(key)
-    if cached is not None:
-        return cached
-    scores = det.score(pipe, caps).tolist()
     labels = [r.memorized for r in records]
-    res = {"detector": repr(det), "scores": [{"caption": c, "kind": r.kind, "memorized": r.memorized, "score": s}
-                                              for c, r, s in zip(caps, records, scores, strict=True)]}
-    res |= detection_metrics(scores, labels)
-    store.put(key, res)
-    return res
+    out = []
+    for name in detectors:
+        det = make_detector(name, seeds)
+        key = store.key("detect", repr(det), caps, getattr(pipe, "dori_name", None))
+        res = store.get(key)
+        if res is None:
+            scores = det.score(pipe, caps).tolist()
+            res = {"name": det.name, "detector": repr(det),
+                   "scores": [{"caption": c, "kind": r.kind, "memorized": r.memorized, "score": s}
+                              for c, r, s in zip(caps, records, scores, strict=True)]}
+            res |= detection_metrics(scores, labels)
+            if name == "seed-consistency":
+                thr = pipe.dori_method_defaults.get("nemo", {}).get("pairwise_threshold", 0.428)
+                flagged = [s > thr for s in scores]
+                res |= {"threshold": thr,
+                        "flagged_memorized": sum(f for f, m in zip(flagged, labels, strict=True) if m) / sum(labels),
+                        "flagged_others": sum(f for f, m in zip(flagged, labels, strict=True) if not m)
+                        / (len(labels) - sum(labels))}
+            store.put(key, res)
+        out.append(res)
+    return out
 
 
 def check_method_params(method_params: dict[str, dict], stages: Sequence[str] | None = None) -> None:
@@ -106,18 +141,21 @@ def make_attack(pipe, overrides: dict | None = None):
     return DoRI(**{**pipe.dori_method_defaults.get("dori", {}), **(overrides or {})})
 
 
-def roc_plot(det: dict, path: Path) -> None:
+def roc_plot(detection: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=110)
-    ax.plot(det["roc"]["fpr"], det["roc"]["tpr"], lw=2)
+    fig, ax = plt.subplots(figsize=(3.8, 3.6), dpi=110)
+    for det in detection:
+        ax.plot(det["roc"]["fpr"], det["roc"]["tpr"], lw=2,
+                label=f"{det['name']}: AUROC {det['auroc']:.3f}, TPR@1%FPR {det['tpr_at_1pct_fpr']:.2f}")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"AUROC {det['auroc']:.3f}, TPR@1%FPR {det['tpr_at_1pct_fpr']:.2f}", fontsize=9)
+    ax.set_title("memorized vs all other captions", fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     _save_fig(fig, path)
 
@@ -202,22 +240,28 @@ def run_demo(
     attack: dict | None = DEMO_ATTACK,
     budgets: Sequence[int] = DEMO_BUDGETS,
     control_per_kind: int | None = 2,
-    max_targets: int | None = None,
+    max_targets: int | None = DEMO_TARGETS,
+    fidelity_per_kind: int | None = DEMO_FIDELITY_PER_KIND,
     token_variants: int = 1,
     method_params: dict[str, dict] | None = None,
     per_prompt_fidelity: bool = False,
+    detectors: Sequence[str] = DETECTORS,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
-    Stages: ``generate`` (every caption x seeds), ``detect`` (noise magnitude, ROC), ``nemo`` /
+    Stages: ``generate`` (every caption x seeds), ``detect`` (``detectors``: noise magnitude over the
+    run's seeds, NeMo's seed consistency; ROC), ``nemo`` /
     ``wanda`` (a mask per memorized caption, before/after table), ``bypass`` (DoRI against each
     mitigation run in this call, or against the model as it is when none is, with the non-memorized
     control: ``control_per_kind`` seen-once and held-out photos, None = all; the random-perturbation
     baseline; ``token_variants`` word-perturbed prompts per target, the discrete baseline).
-    ``per_prompt_fidelity`` also generates each non-memorized caption under one memorized caption's own
-    mask (besides the joint mask). ``method_params`` overrides a mitigation's parameters
-    (``{"wanda": {"sparsity": 0.1}}``) and ``attack`` DoRI's (default: the model's shipped settings);
+    ``max_targets``: the mitigation and bypass stages take the first this many memorized captions (None =
+    all); ``fidelity_per_kind``: the mitigations' effect on non-memorized captions is measured on the
+    first this many of each kind (None = all). ``per_prompt_fidelity`` also generates each non-memorized
+    caption under one memorized caption's own mask (besides the joint mask). ``method_params`` overrides
+    a mitigation's parameters (``{"wanda": {"sparsity": 0.1}}``) and ``attack`` DoRI's (default: the
+    model's shipped settings);
     ``budgets`` is the cost-curve ladder (the attack runs ``max(budgets)`` steps).
 
     A killed run started again with the same arguments reuses the items it had finished.
@@ -228,22 +272,33 @@ def run_demo(
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
                   stages=list(stages), stats_prompts=stats_prompts, attack=attack, budgets=list(budgets),
-                  control_per_kind=control_per_kind, max_targets=max_targets, token_variants=token_variants,
-                  method_params=method_params, per_prompt_fidelity=per_prompt_fidelity)
+                  control_per_kind=control_per_kind, max_targets=max_targets, fidelity_per_kind=fidelity_per_kind,
+                  token_variants=token_variants,
+                  method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors))
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
+    for name in detectors:
+        make_detector(name, seeds)  # an unknown detector fails here, before the model loads
+    for name, n in (("max_targets", max_targets), ("fidelity_per_kind", fidelity_per_kind)):
+        if n is not None and n < 1:
+            raise DoriError(f"{name} must be 1 or more (None: all), got {n}")
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    after = sorted({"nemo", "wanda", "bypass"} & set(stages))
+    if after and "generate" not in stages:
+        raise DoriError(f"stage(s) {', '.join(after)} compare with the unmitigated images: "
+                        "add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
     pipe = load_pipeline(model, device=device)
-    m = make_metric(metric, pipe, sscd_path)
+    # detection alone generates no image and needs no replication metric (nor an SSCD file)
+    m = make_metric(metric, pipe, sscd_path) if "generate" in stages else None
     methods = {name: make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
                for name in ("nemo", "wanda") if name in stages}  # bad parameter values fail here, early
     d = pipe.dori_defaults
     gen = dict(num_inference_steps=num_inference_steps or d.num_inference_steps,
                guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale)
-    config.update(resolved_generation=gen, metric=m.name, threshold=m.threshold)
+    config.update(resolved_generation=gen, metric=m and m.name, threshold=m and m.threshold)
     missing = [r for r in records if r.reference_status == "missing"]
     if missing:
         log.warning("%d prompts have no reference image on disk (reported in results.json, not replaced): %s",
@@ -251,25 +306,27 @@ def run_demo(
     from dori.analyses.replication import evaluate_replication
 
     store = ItemStore(out)
-    samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen)
+    samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen) \
+        if "generate" in stages else []
     results = {
         "schema_version": SCHEMA_VERSION,
         "manifest": man,
-        "metric": {"name": m.name, "threshold": m.threshold},
+        "metric": {"name": m.name, "threshold": m.threshold} if m else None,
         "prompts": [r.to_dict() for r in records],
         "samples": samples,
-        "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}],
+        "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if samples else [],
     }
     if "detect" in stages:
-        results["detection"] = run_detection(pipe, records, store)
+        results["detection"] = run_detection(pipe, records, store, seeds, detectors)
         roc_plot(results["detection"], out / "plots" / "roc.png")
-        results["plots"].append({"title": "Detection ROC (noise magnitude)", "path": "plots/roc.png"})
+        results["plots"].append({"title": "Detection ROC", "path": "plots/roc.png"})
     mitigations = {}
     for name in ("nemo", "wanda"):
         if name in stages:
             method = methods[name]
             plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
-            res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity)
+            res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity,
+                                 max_targets, fidelity_per_kind)
             samples += res["samples"]
             mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:
@@ -293,7 +350,8 @@ def run_demo(
     proc = procedural_accuracy(samples)
     if proc:
         results["procedural"] = proc
-    score_histogram(samples, m.threshold, out / "plots" / "scores.png")
+    if samples:
+        score_histogram(samples, m.threshold, out / "plots" / "scores.png")
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     man["seconds"] = round(time.time() - t0, 1)
     write_json(out / "results.json", results)

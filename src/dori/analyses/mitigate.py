@@ -13,6 +13,7 @@ import json
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,10 +53,26 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path)
     return masks
 
 
+def first_per_kind(records: Sequence[PromptRecord], n: int | None) -> list[PromptRecord]:
+    """The first ``n`` records of each kind, in their order (None: all)."""
+    count: Counter[str] = Counter()
+    out = []
+    for r in records:
+        count[r.kind] += 1
+        if n is None or count[r.kind] <= n:
+            out.append(r)
+    return out
+
+
 def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequence[int],
                    metric: ReplicationMetric, run_dir: str | Path, gen_kwargs: dict,
-                   baseline_rows: list[dict], per_prompt_fidelity: bool = False) -> dict:
+                   baseline_rows: list[dict], per_prompt_fidelity: bool = False, max_targets: int | None = None,
+                   fidelity_per_kind: int | None = None) -> dict:
     """Localize per memorized prompt, evaluate, and return ``{"samples", "table", "summary", "masks"}``.
+
+    ``max_targets`` mitigates only the first this many memorized records (None = all);
+    ``fidelity_per_kind`` measures the effect on non-memorized captions with the first this many of each
+    kind (None = all).
 
     With ``per_prompt_fidelity``, each non-memorized caption is also generated under one memorized
     caption's own mask (assigned in turn; setting ``<method>-own``), the intervention the per-image
@@ -63,8 +80,8 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
     """
     run_dir = Path(run_dir)
     store = ItemStore(run_dir)
-    mem = [r for r in records if r.memorized and r.reference_status == "ok"]
-    others = [r for r in records if not r.memorized]
+    mem = [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
+    others = first_per_kind([r for r in records if not r.memorized], fidelity_per_kind)
     masks = localize_masks(pipe, method, mem, run_dir)
     rows = []
     for rec in mem:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,25 @@ def reference_bank(records: Sequence[PromptRecord], run_dir: Path) -> dict[str, 
     return bank
 
 
+@dataclass
+class EvalRequest:
+    """One group of rows to evaluate: ``records x seeds`` under one stage, setting and budget.
+
+    With ``embeds`` (caption -> ``77 x D`` embedding, e.g. an attack's trigger) the images are generated
+    from those embeddings instead of the captions; the embedding's digest is part of the item key.
+    ``key_extra`` joins the item key (e.g. the digest of the mask the model runs under), so that a
+    resumed run never reuses images made under another mask. ``item_extra`` is added to every row.
+    """
+
+    records: Sequence[PromptRecord]
+    stage: str = "generate"
+    setting: str = "none"
+    budget: int = 0
+    embeds: dict[str, torch.Tensor] | None = None
+    item_extra: dict | None = None
+    key_extra: Sequence[str] = ()
+
+
 def evaluate_replication(
     pipe,
     records: Sequence[PromptRecord],
@@ -52,12 +72,28 @@ def evaluate_replication(
     embeds: dict[str, torch.Tensor] | None = None,
     key_extra: Sequence[str] = (),
 ) -> list[dict]:
-    """Generate ``records x seeds`` and return one sample row per image.
+    """Generate ``records x seeds`` and return one sample row per image (one :class:`EvalRequest`, see
+    :func:`evaluate_requests`)."""
+    req = EvalRequest(records, stage, setting, budget, embeds, item_extra, key_extra)
+    return evaluate_requests(pipe, [req], seeds, metric, run_dir, store=store, batch_size=batch_size,
+                             gen_kwargs=gen_kwargs)[0]
 
-    With ``embeds`` (caption -> ``77 x D`` embedding, e.g. an attack's trigger) the images are generated
-    from those embeddings instead of the captions; the embedding's digest is part of the item key.
-    ``key_extra`` joins the item key (e.g. the digest of the mask the model runs under), so that a
-    resumed run never reuses images made under another mask.
+
+def evaluate_requests(
+    pipe,
+    requests: Sequence[EvalRequest],
+    seeds: Sequence[int],
+    metric: ReplicationMetric,
+    run_dir: str | Path,
+    *,
+    store: ItemStore | None = None,
+    batch_size: int = 16,
+    gen_kwargs: dict | None = None,
+) -> list[list[dict]]:
+    """Generate every request's ``records x seeds`` and return its sample rows (a list per request).
+
+    The pending images of all requests share UNet batches (e.g. every budget and baseline of one attack
+    target in one sampling loop, instead of one small loop each).
 
     Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
     nearest_reference, nearest_score (best match among all references of the set: the
@@ -65,38 +101,44 @@ def evaluate_replication(
     Finished captions are stored in ``store`` and skipped when the run is resumed.
     """
     from dori.metrics.procedural import check_procedural
+    from dori.models.generate import encode_prompts
 
     run_dir = Path(run_dir)
     store = store or ItemStore(run_dir)
     gen_kwargs = gen_kwargs or {}
-    bank = reference_bank(records, run_dir)
+    bank = reference_bank([r for q in requests for r in q.records], run_dir)
     ref_keys = list(bank)
     refs = [bank[k][1] for k in ref_keys] or None  # a list: references may differ in size
 
-    def item_key(rec):
-        digest = tensor_digest(embeds[rec.caption]) if embeds is not None else None
-        return store.key(stage, setting, budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
+    def item_key(q: EvalRequest, rec: PromptRecord) -> str:
+        digest = tensor_digest(q.embeds[rec.caption]) if q.embeds is not None else None
+        return store.key(q.stage, q.setting, q.budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
                          getattr(metric, "source", None), getattr(pipe, "dori_name", None), rec.reference,
-                         *([digest] if digest else []), *key_extra)
+                         *([digest] if digest else []), *q.key_extra)
 
-    keys = {r.caption: item_key(r) for r in records}
-    pending = [r for r in records if store.get(keys[r.caption]) is None]
+    keys = [{r.caption: item_key(q, r) for r in q.records} for q in requests]
+    pending = [(qi, r) for qi, q in enumerate(requests) for r in q.records if store.get(keys[qi][r.caption]) is None]
     per_batch = max(1, batch_size // len(seeds))
-    rows_by_caption: dict[str, list[dict]] = {}
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
-    for chunk in tqdm(chunks, desc=f"{stage}/{setting}", disable=len(chunks) < 2, leave=False):
-        if embeds is None:
-            out = generate(pipe, [r.caption for r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
+    desc = "/".join(dict.fromkeys(f"{requests[qi].stage}/{requests[qi].setting}" for qi, _ in pending[:1]))
+    for chunk in tqdm(chunks, desc=desc or "evaluate", disable=len(chunks) < 2, leave=False):
+        if all(requests[qi].embeds is None for qi, _ in chunk):
+            out = generate(pipe, [r.caption for _, r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
         else:
-            out = generate(pipe, prompt_embeds=torch.stack([embeds[r.caption] for r in chunk]), seeds=seeds,
+            with torch.no_grad():
+                e = [requests[qi].embeds[r.caption] if requests[qi].embeds is not None
+                     else encode_prompts(pipe, [r.caption])[0] for qi, r in chunk]
+            out = generate(pipe, prompt_embeds=torch.stack([x.to(e[0]) for x in e]), seeds=seeds,
                            batch_size=batch_size, **gen_kwargs)
         sims = metric.pairwise(out.images, refs) if refs else None
+        rows: dict[int, list[dict]] = {}
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
-            rec = chunk[pi]
+            qi, rec = chunk[pi]
+            q, key = requests[qi], keys[qi][rec.caption]
             # the item key in the name: images made under other settings, masks or embeddings never collide
-            rel = f"images/{stage}/{setting}/{budget}/{slug(rec.caption)}_{keys[rec.caption][:8]}_s{seed}.png"
+            rel = f"images/{q.stage}/{q.setting}/{q.budget}/{slug(rec.caption)}_{key[:8]}_s{seed}.png"
             save_png(out.images[j], run_dir / rel)
-            row = {"stage": stage, "setting": setting, "budget": budget, "caption": rec.caption,
+            row = {"stage": q.stage, "setting": q.setting, "budget": q.budget, "caption": rec.caption,
                    "kind": rec.kind, "seed": seed, "image": rel, "reference": None, "score": None,
                    "replicated": None, "metric": metric.name, "reference_status": rec.reference_status}
             if sims is not None:
@@ -114,8 +156,8 @@ def evaluate_replication(
                 chk = check_procedural(out.images[j], rec.meta["color"], rec.meta["shape"], rec.meta["background"])
                 row["procedural"] = {k: chk[k] for k in ("color", "shape", "background", "color_ok",
                                                           "shape_ok", "background_ok", "ok")}
-            row.update(item_extra or {})
-            rows_by_caption.setdefault(rec.caption, []).append(row)
-        for rec in chunk:
-            store.put(keys[rec.caption], rows_by_caption[rec.caption])
-    return [row for rec in records for row in store.get(keys[rec.caption])]
+            row.update(q.item_extra or {})
+            rows.setdefault(pi, []).append(row)
+        for pi, (qi, rec) in enumerate(chunk):
+            store.put(keys[qi][rec.caption], rows[pi])
+    return [[row for r in q.records for row in store.get(keys[qi][r.caption])] for qi, q in enumerate(requests)]

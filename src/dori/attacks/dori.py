@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dori.models.generate import encode_prompts, predict_noise
+from dori.models.generate import encode_prompts, predict_noise, unet_place
 
 
 @dataclass
@@ -120,7 +120,7 @@ class DoRI:
         if bad:
             raise ValueError(f"snapshot budgets {bad} are outside 0..{self.steps} steps")
         t0 = time.time()
-        dev, dtype = pipe.unet.device, pipe.unet.dtype
+        dev, dtype = unet_place(pipe)
         g = torch.Generator().manual_seed(seed)
         n_t = images.shape[0]
         idx = [i for i in range(n_t) for _ in range(self.restarts)]

@@ -164,7 +164,6 @@ def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor
         masks: layer name -> bool tensor ``B x out_features`` (True = deactivated) where B is the UNet
             batch of every call made inside the block.
     """
-    mods = dict(unet.named_modules())
     handles = []
 
     def hook_for(keep: torch.Tensor):
@@ -177,8 +176,9 @@ def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor
 
     try:
         for name, m in masks.items():
-            keep = (~m.bool()).to(mods[name].weight.dtype).to(mods[name].weight.device)
-            handles.append(mods[name].register_forward_hook(hook_for(keep)))
+            mod = unet.get_submodule(name)
+            keep = (~m.bool()).to(mod.weight.dtype).to(mod.weight.device)
+            handles.append(mod.register_forward_hook(hook_for(keep)))
         yield
     finally:
         for h in handles:

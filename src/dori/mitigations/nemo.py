@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dori.mitigations.masks import Mask, per_sample_neuron_masks
-from dori.models.generate import encode_prompts, generate, initial_noise
+from dori.models.generate import encode_prompts, generate, initial_noise, unet_place
 from dori.models.layers import resolve_layers
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ class NeMo:
         self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._calls = self._checks = self._speculative = 0
         self.stats_key: str | None = None  # which statistics (model, layers, prompts, weights) are fitted
+        self._refs: tuple[torch.nn.Module, list] | None = None  # (UNet, its layers of the group): resolved once
+
+    def _layers(self, pipe) -> list:
+        if self._refs is None or self._refs[0] is not pipe.unet:
+            self._refs = (pipe.unet, resolve_layers(pipe.unet, self.layer_group))
+        return self._refs[1]
 
     def params(self) -> dict:
         return dict(layer_group=self.layer_group, theta=self.theta0, theta_step=self.theta_step,
@@ -182,7 +188,7 @@ class NeMo:
 
     def _bool_masks(self, pipe, sel: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         out = {}
-        for ref in resolve_layers(pipe.unet, self.layer_group):
+        for ref in self._layers(pipe):
             m = torch.zeros(ref.module.out_features, dtype=torch.bool)
             idx = sel.get(ref.name, [])
             if len(idx):
@@ -199,7 +205,7 @@ class NeMo:
                                  "or pass stats_prompts (non-memorized prompts)")
             self.fit_statistics(pipe, stats_prompts)
         self._calls, self._checks, self._speculative = 0, 0, 0
-        self._batch = self.batch_candidates or (16 if pipe.unet.device.type == "cuda" else 1)
+        self._batch = self.batch_candidates or (16 if unet_place(pipe)[0].type == "cuda" else 1)
         embeds = encode_prompts(pipe, [prompt])
         vanilla_all = self.noise_diffs(pipe, embeds, self.seeds)[0]
         self._calls += 1
@@ -263,7 +269,7 @@ class NeMo:
     def signal_floor(self, pipe, embeds, vanilla, looked) -> float:
         """The signal with *every* neuron of the layer group deactivated (one UNet call). When even that
         stays above ``threshold``, the threshold almost surely does not suit the model."""
-        full = {ref.name: list(range(ref.module.out_features)) for ref in resolve_layers(pipe.unet, self.layer_group)}
+        full = {ref.name: list(range(ref.module.out_features)) for ref in self._layers(pipe)}
         return self._signal(pipe, embeds, vanilla, looked, [full])[0]
 
     def _initial(self, acts: dict[str, torch.Tensor], theta: float, k: int) -> dict[str, list[int]]:

@@ -106,30 +106,33 @@ def render_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     res = json.loads((run_dir / "results.json").read_text())
     m = res["manifest"]
-    metric = res.get("metric", {})
+    metric = res.get("metric") or {}  # None when no image was generated (detection alone)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dori report</title>"
              f"<style>{_CSS}</style></head><body>",
              "<h1>dori report</h1>",
              f"<p class='muted'>command <code>{html.escape(m.get('command', ''))}</code> · model "
              f"<code>{html.escape(str(m['config'].get('model')))}</code> · git {html.escape(str(m.get('git')))}"
-             f" · seeds {m.get('seeds')} · {m.get('seconds', 0):.0f} s · metric "
-             f"<b>{html.escape(metric.get('name', ''))}</b>, replicated when score &gt; "
-             f"{metric.get('threshold')}</p>"]
+             f" · seeds {m.get('seeds')} · {m.get('seconds', 0):.0f} s"
+             + (f" · metric <b>{html.escape(metric['name'])}</b>, replicated when score &gt; {metric['threshold']}"
+                if metric else "") + "</p>"]
     agg_rows = [{"stage/setting/kind": k, **v} for k, v in res.get("aggregates", {}).items()]
-    parts.append("<h2>Aggregates</h2>")
-    parts.append(_table(agg_rows, ["stage/setting/kind", "n_images", "n_samples", "score_mean", "score_std",
-                                   "score_median", "score_mad", "mr", "mr_any_seed"]))
-    parts.append("<p class='muted'>MR: mean over images of the fraction of seeds whose score exceeds the "
-                 "threshold; mr_any_seed counts an image once any seed replicates. For captions without a "
-                 "reference image (procedural, unseen) the score is the best match among all reference "
-                 "photos of the set: any replication there is regurgitation.</p>")
+    if agg_rows:
+        parts.append("<h2>Aggregates</h2>")
+        parts.append(_table(agg_rows, ["stage/setting/kind", "n_images", "n_samples", "score_mean", "score_std",
+                                       "score_median", "score_mad", "mr", "mr_any_seed"]))
+        parts.append("<p class='muted'>MR: mean over images of the fraction of seeds whose score exceeds the "
+                     "threshold; mr_any_seed counts an image once any seed replicates. For captions without a "
+                     "reference image (procedural, unseen) the score is the best match among all reference "
+                     "photos of the set: any replication there is regurgitation.</p>")
     if "procedural" in res:
         parts.append("<h2>Procedural captions: named colour and shape</h2>")
         parts.append(_table([res["procedural"]], list(res["procedural"])))
-    if "detection" in res:
-        d = res["detection"]
+    for d in res.get("detection", []):
         parts.append(f"<h2>Detection: {html.escape(d['detector'])}</h2><p>AUROC <b>{d['auroc']:.3f}</b>, "
                      f"TPR at 1% FPR <b>{d['tpr_at_1pct_fpr']:.2f}</b> (memorized vs all other captions)</p>")
+        if "threshold" in d:
+            parts.append(f"<p>Above the model's NeMo threshold {d['threshold']}: <b>{d['flagged_memorized']:.2f}</b>"
+                         f" of the memorized captions, {d['flagged_others']:.2f} of the others.</p>")
         parts.append(_table(sorted(d["scores"], key=lambda r: -r["score"]), ["caption", "kind", "score"]))
     by_key = defaultdict(list)
     for s in res["samples"]:
