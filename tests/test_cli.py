@@ -43,3 +43,19 @@ def test_mitigation_parameters_from_the_command_line(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert "bad parameter value" in r.stderr or "Did you mean 'value'" in r.stderr
     assert not (tmp_path / "o" / "items").exists()  # every error came before the first stage
+
+
+def test_detect_scores_every_caption_without_generating_images(tmp_path):
+    import json
+
+    out = tmp_path / "det"
+    r = _dori("detect", "--out", str(out), "--detectors", "seed-consistency")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    [det] = res["detection"]
+    assert det["name"] == "seed-consistency" and len(det["scores"]) == len(res["prompts"])
+    assert det["auroc"] >= 0.95 and 0 <= det["flagged_others"] < det["flagged_memorized"] == 1.0
+    assert res["samples"] == [] and res["metric"] is None and not (out / "images").exists()
+    assert (out / "plots" / "roc.png").is_file() and "SeedConsistency" in (out / "report.html").read_text()
+    r = _dori("detect", "--out", str(out), "--detectors", "noise-magnitude,foo")
+    assert r.returncode == 2 and "unknown detector 'foo'" in r.stderr and "Traceback" not in r.stderr

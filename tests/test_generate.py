@@ -60,3 +60,27 @@ def test_differentiable_path_reaches_the_embedding(tiny_pipe):
 def test_needs_exactly_one_input(tiny_pipe):
     with pytest.raises(DoriError):
         generate(tiny_pipe)
+
+
+def test_requests_share_batches_and_give_each_its_rows(tiny_pipe, tmp_path):
+    """Several requests (e.g. every budget of an attack) evaluated in shared UNet batches give the rows
+    that evaluating each alone gives."""
+    from dori import load_prompt_set
+    from dori.analyses.replication import EvalRequest, evaluate_replication, evaluate_requests
+    from dori.metrics.pixel import PixelSSIM
+    from dori.models.generate import encode_prompts
+
+    recs = [r for r in load_prompt_set("tiny") if r.kind == "memorized"][:2]
+    e = encode_prompts(tiny_pipe, [r.caption for r in recs])
+    moved = {r.caption: e[i] + 0.5 * torch.randn_like(e[i]) for i, r in enumerate(recs)}
+    metric, gen = PixelSSIM(), dict(num_inference_steps=5)
+    reqs = [EvalRequest(recs), EvalRequest(recs, "bypass", "x+dori", 3, moved, {"attack": "dori"})]
+    together = evaluate_requests(tiny_pipe, reqs, [0], metric, tmp_path / "a", gen_kwargs=gen)
+    alone = [evaluate_replication(tiny_pipe, recs, [0], metric, tmp_path / "b", gen_kwargs=gen),
+             evaluate_replication(tiny_pipe, recs, [0], metric, tmp_path / "b", stage="bypass", setting="x+dori",
+                                  budget=3, embeds=moved, item_extra={"attack": "dori"}, gen_kwargs=gen)]
+    for t, a in zip(together, alone, strict=True):
+        assert [(r["stage"], r["setting"], r["budget"], r["caption"], r.get("attack")) for r in t] == \
+            [(r["stage"], r["setting"], r["budget"], r["caption"], r.get("attack")) for r in a]
+        assert [r["score"] for r in t] == pytest.approx([r["score"] for r in a], abs=1e-6)
+    assert together[0][0]["score"] != pytest.approx(together[1][0]["score"], abs=1e-3)  # the requests differ
