@@ -15,6 +15,11 @@ Printed per caption (seeds 1-8):
 - for memorized captions, the signal with every neuron of a layer group deactivated (the floor of
   NeMo's search) for the groups ``nemo-value`` and ``value``, and the MR (seeds 0-3, the model's
   guidance) with that whole group deactivated.
+
+Then, per memorized caption, why: the UNet's error at the first step. ``x_t`` is made from the
+memorized photo itself, so the exact noise is known: |eps_pred - eps| (the model's error, present
+with or without text) against sqrt(abar / (1 - abar)) * |x0 - mean(x0)| (the photo's share of an exact
+first-step difference).
 """
 
 import argparse
@@ -73,6 +78,23 @@ def main():
                     mr = float((metric.score(imgs, load_reference(rec)) > metric.threshold).float().mean())
                     line += f" {floor:16.2f} {mr:{len(g) + 3}.2f}"
             print(line, flush=True)
+
+    sched = pipe.scheduler
+    sched.set_timesteps(pipe.dori_defaults.num_inference_steps)
+    t = sched.timesteps[0]
+    abar = sched.alphas_cumprod[int(t)]
+    print(f"\nfirst step t={int(t)}: the model's noise-prediction error vs the memorized photo's share")
+    print(f"{'caption':34} |eps_pred - eps| sqrt(abar/(1-abar))*|x0 - mean|")
+    g = torch.Generator().manual_seed(0)
+    for rec in [r for r in load_prompt_set("tiny") if r.memorized]:
+        x0 = (load_reference(rec)[None] * 2 - 1) * pipe.vae.config.scaling_factor  # pixel latents
+        eps = torch.randn((len(seeds), *x0.shape[1:]), generator=g)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        cond = encode_prompts(pipe, [rec.caption]).expand(len(seeds), -1, -1)
+        with torch.no_grad():
+            pred = pipe.unet(x_t, t, encoder_hidden_states=cond).sample
+        share = (abar / (1 - abar)).sqrt() * (x0 - x0.mean()).norm()
+        print(f"{rec.caption[:34]:34} {(pred - eps).flatten(1).norm(dim=1).mean():15.2f} {share:30.2f}", flush=True)
 
 
 if __name__ == "__main__":
