@@ -59,3 +59,7 @@ def test_detect_scores_every_caption_without_generating_images(tmp_path):
     assert (out / "plots" / "roc.png").is_file() and "SeedConsistency" in (out / "report.html").read_text()
     r = _dori("detect", "--out", str(out), "--detectors", "noise-magnitude,foo")
     assert r.returncode == 2 and "unknown detector 'foo'" in r.stderr and "Traceback" not in r.stderr
+    plain = tmp_path / "prompts.txt"  # plain prompts carry no memorized label: nothing to compare
+    plain.write_text("a red circle on a blue background\na cat\n")
+    r = _dori("detect", "--out", str(tmp_path / "det2"), "--prompts", str(plain))
+    assert r.returncode == 2 and "has no memorized ones" in r.stderr and "Traceback" not in r.stderr
