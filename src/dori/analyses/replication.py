@@ -120,8 +120,9 @@ def evaluate_requests(
     pending = [(qi, r) for qi, q in enumerate(requests) for r in q.records if store.get(keys[qi][r.caption]) is None]
     per_batch = max(1, batch_size // len(seeds))
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
-    desc = "/".join(dict.fromkeys(f"{requests[qi].stage}/{requests[qi].setting}" for qi, _ in pending[:1]))
-    for chunk in tqdm(chunks, desc=desc or "evaluate", disable=len(chunks) < 2, leave=False):
+    first = requests[pending[0][0]] if pending else None
+    desc = f"{first.stage}/{first.setting}" if first else "evaluate"
+    for chunk in tqdm(chunks, desc=desc, disable=len(chunks) < 2, leave=False):
         if all(requests[qi].embeds is None for qi, _ in chunk):
             out = generate(pipe, [r.caption for _, r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
         else:
