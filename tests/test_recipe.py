@@ -2,18 +2,26 @@
 
 import json
 
+import pytest
+
 from dori import load_pipeline
 from dori.models.generate import generate
 from dori.zoo.tiny_data import TinyDataSpec
 from dori.zoo.train_tiny import TrainConfig, train_tiny
 
 
-def test_short_recipe_trains_and_loads(tmp_path):
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_short_recipe_trains_and_loads(tmp_path, scale):
     spec = TinyDataSpec(n_procedural=40, duplicates=3, lfw_seen_once=(0, 1, 100), lfw_held_out=(80,))
-    out = train_tiny(TrainConfig(out=str(tmp_path / "m"), steps=6, batch_size=4, warmup=2, data=spec))
+    out = train_tiny(TrainConfig(out=str(tmp_path / "m"), steps=6, batch_size=4, warmup=2, data=spec,
+                                 latent_scale=scale))
     recipe = json.loads((out / "dori_recipe.json").read_text())
     assert recipe["steps"] == 6 and recipe["data"]["duplicates"] == 3
     assert not (tmp_path / "m.partial").exists()
     pipe = load_pipeline(out)
     img = generate(pipe, ["a red circle on a blue background"], seeds=[0], num_inference_steps=2).images
-    assert img.shape == (1, 3, 32, 32)
+    assert img.shape == (1, 3, 32, 32) and 0 <= img.min() and img.max() <= 1
+    # scaled latents: the VAE divides them back; x0 is clipped to the latents' range, not rescaled
+    assert pipe.vae.config.scaling_factor == scale
+    assert pipe.scheduler.config.thresholding == (scale == 1.0)
+    assert scale == 1.0 or pipe.scheduler.config.clip_sample_range == scale

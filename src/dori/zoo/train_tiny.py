@@ -102,10 +102,14 @@ class TrainConfig:
     # sampling defaults written to dori_defaults.json (SD's 7.5 guidance ruins a model this small)
     sample_steps: int = 25
     guidance_scale: float = 2.0
+    # Latents = pixels in [-1, 1] times this (the pixel VAE's scaling_factor). 1.0 is the shipped model;
+    # 2.0 gives about unit variance, as SD's latent scaling does (tried for NeMo's first-step signal:
+    # it memorizes as well and does not lower NeMo's floor, docs/tiny-model.md).
+    latent_scale: float = 1.0
     data: TinyDataSpec = field(default_factory=TinyDataSpec)
 
 
-def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0):
+def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_scale: float = 1.0):
     """Untrained tiny pipeline components. The tokenizer folder holds CLIP's vocab.json/merges.txt."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -121,9 +125,17 @@ def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0):
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        vae=PixelIdentityVAE(sample_size=RESOLUTION),
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        vae=PixelIdentityVAE(sample_size=RESOLUTION, scaling_factor=latent_scale),
+        scheduler=DDIMScheduler(**scheduler_config(latent_scale)),
     )
+
+
+def scheduler_config(latent_scale: float = 1.0) -> dict:
+    """The sampling scheduler's settings for latents of ``latent_scale``. diffusers' dynamic thresholding
+    rescales x0 into [-1, 1], so scaled latents clip x0 to [-scale, scale] instead."""
+    if latent_scale == 1.0:
+        return dict(SCHEDULER_CONFIG)
+    return {**SCHEDULER_CONFIG, "thresholding": False, "clip_sample": True, "clip_sample_range": latent_scale}
 
 
 @torch.no_grad()
@@ -154,7 +166,9 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
-    comps = build_tiny_components(tokenizer_dir, cfg.seed)
+    if cfg.latent_scale <= 0:
+        raise ValueError(f"latent_scale must be positive, got {cfg.latent_scale}")
+    comps = build_tiny_components(tokenizer_dir, cfg.seed, cfg.latent_scale)
     unet, te, tok = comps["unet"], comps["text_encoder"], comps["tokenizer"]
     unet.set_attn_processor(AttnProcessor())  # few small heads: the classic processor is faster on CPU
 
@@ -165,7 +179,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     if not cfg.train_text_encoder:
         embeds, empty = _encode(tok, te, data.captions), _encode(tok, te, [""])
-    images = data.images * 2 - 1  # the VAE slot is the identity: latents are pixels in [-1, 1]
+    images = (data.images * 2 - 1) * cfg.latent_scale  # the VAE slot is the identity: latents are pixels
 
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
