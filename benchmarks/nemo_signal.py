@@ -1,6 +1,6 @@
 """What NeMo's memorization signal is made of on a model, and whether its threshold can be reached.
 
-    python benchmarks/nemo_signal.py [--per-kind 3]
+    python benchmarks/nemo_signal.py [--per-kind 3] [--model tiny|DIR]
 
 On the embedded tiny model (its prompt set, pixel-ssim and guidance 2).
 
@@ -19,7 +19,7 @@ Printed per caption (seeds 1-8):
 Then, per memorized caption, why: the UNet's error at the first step. ``x_t`` is made from the
 memorized photo itself, so the exact noise is known: |eps_pred - eps| (the model's error, present
 with or without text) against sqrt(abar / (1 - abar)) * |x0 - mean(x0)| (the photo's share of an exact
-first-step difference).
+first-step difference), each also for its fine-scale part (minus a Gaussian blur, sigma 1.5 pixels).
 """
 
 import argparse
@@ -44,9 +44,10 @@ def whole_group(pipe, group: str) -> Mask:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-kind", type=int, default=3)
+    ap.add_argument("--model", default="tiny", help="a tiny-model folder, e.g. one from `dori zoo train-tiny`")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline(args.model)
     seeds = list(range(1, 9))
     x = initial_noise(pipe, seeds)
 
@@ -84,7 +85,7 @@ def main():
     t = sched.timesteps[0]
     abar = sched.alphas_cumprod[int(t)]
     print(f"\nfirst step t={int(t)}: the model's noise-prediction error vs the memorized photo's share")
-    print(f"{'caption':34} |eps_pred - eps| sqrt(abar/(1-abar))*|x0 - mean|")
+    print(f"{'caption':34} |eps_pred - eps| (fine) sqrt(abar/(1-abar))*|x0 - mean| (fine)")
     g = torch.Generator().manual_seed(0)
     for rec in [r for r in load_prompt_set("tiny") if r.memorized]:
         x0 = (load_reference(rec)[None] * 2 - 1) * pipe.vae.config.scaling_factor  # pixel latents
@@ -93,8 +94,22 @@ def main():
         cond = encode_prompts(pipe, [rec.caption]).expand(len(seeds), -1, -1)
         with torch.no_grad():
             pred = pipe.unet(x_t, t, encoder_hidden_states=cond).sample
-        share = (abar / (1 - abar)).sqrt() * (x0 - x0.mean()).norm()
-        print(f"{rec.caption[:34]:34} {(pred - eps).flatten(1).norm(dim=1).mean():15.2f} {share:30.2f}", flush=True)
+        err, share = pred - eps, (abar / (1 - abar)).sqrt() * (x0 - x0.mean())
+        print(f"{rec.caption[:34]:34} {norm(err):15.2f} {norm(fine(err)):6.2f} {norm(share):30.2f} "
+              f"{norm(fine(share)):6.2f}", flush=True)
+
+
+def norm(x: torch.Tensor) -> float:
+    return x.flatten(1).norm(dim=1).mean().item()
+
+
+def fine(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """The fine-scale part: ``x`` minus its Gaussian blur (the structure SSIM's local windows compare)."""
+    r = torch.arange(5, dtype=torch.float32) - 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    w = (g[:, None] * g[None] / g.sum() ** 2).expand(x.shape[1], 1, 5, 5)
+    return x - torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect"), w,
+                                          groups=x.shape[1])
 
 
 if __name__ == "__main__":
