@@ -215,7 +215,8 @@ def mitigate(
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
 ):
     """Localize a mask per memorized prompt with NeMo or Wanda, save the masks, and write the before/after
-    table (results.json, report.html). The same run as `dori demo --stages generate,<method>`."""
+    table (results.json, report.html). The same run as `dori demo --stages generate,<method> --targets 0
+    --fidelity-per-kind 0 --per-prompt-fidelity`."""
     if method not in ("nemo", "wanda"):
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,

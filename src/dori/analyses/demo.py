@@ -50,11 +50,12 @@ def make_detector(name: str, seeds: Sequence[int]):
 
 
 def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1, 2, 3),
-                  detectors: Sequence[str] = DETECTORS) -> list[dict]:
+                  detectors: Sequence[str] = DETECTORS, nemo_threshold: float | None = None) -> list[dict]:
     """Every caption's score under each detector; AUROC and TPR at 1% FPR, memorized vs the rest.
 
-    NeMo's seed consistency also reports the share of memorized and of other captions above the
-    model's calibrated NeMo pairwise threshold (``dori_defaults.json``; NeMo's 0.428 for other models).
+    NeMo's seed consistency also reports the share of memorized and of other captions above
+    ``nemo_threshold`` (default: the model's calibrated NeMo pairwise threshold, ``dori_defaults.json``;
+    NeMo's 0.428 for other models).
     """
     from dori.detectors.wen import detection_metrics
 
@@ -64,10 +65,12 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
         raise DoriError("detection compares memorized with other prompts, but this prompt set has "
                         f"{'only' if all(labels) else 'no'} memorized ones: use a set with both (e.g. NeMo's "
                         "CSV with VM/TM rows plus non-memorized prompts)")
+    thr = nemo_threshold if nemo_threshold is not None else \
+        pipe.dori_method_defaults.get("nemo", {}).get("pairwise_threshold", 0.428)
     out = []
     for name in detectors:
         det = make_detector(name, seeds)
-        key = store.key("detect", repr(det), caps, getattr(pipe, "dori_name", None))
+        key = store.key("detect", repr(det), caps, labels, thr, getattr(pipe, "dori_name", None))
         res = store.get(key)
         if res is None:
             scores = det.score(pipe, caps).tolist()
@@ -76,7 +79,6 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
                               for c, r, s in zip(caps, records, scores, strict=True)]}
             res |= detection_metrics(scores, labels)
             if name == "seed-consistency":
-                thr = pipe.dori_method_defaults.get("nemo", {}).get("pairwise_threshold", 0.428)
                 flagged = [s > thr for s in scores]
                 res |= {"threshold": thr,
                         "flagged_memorized": sum(f for f, m in zip(flagged, labels, strict=True) if m) / sum(labels),
@@ -292,7 +294,18 @@ def run_demo(
         raise DoriError(f"stage(s) {', '.join(after)} compare with the unmitigated images: "
                         "add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
+    both = len({r.memorized for r in records}) == 2
+    if list(stages) == ["detect"] and not both:
+        raise DoriError("detection compares memorized with other prompts, but this prompt set has "
+                        f"{'only' if records and records[0].memorized else 'no'} memorized ones: use a set "
+                        "with both (e.g. NeMo's CSV with VM/TM rows plus non-memorized prompts)")
     pipe = load_pipeline(model, device=device)
+    if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_name", "") != "tiny" \
+            and tuple(stages) == DEFAULT_STAGES:
+        log.warning("NeMo skipped: on this model it needs non-memorized prompts for its activation "
+                    "statistics; pass --stats-prompts FILE (or --stages without nemo)")
+        stages = [s for s in stages if s != "nemo"]
+        config["stages"] = list(stages)
     # detection alone generates no image and needs no replication metric (nor an SSCD file)
     m = make_metric(metric, pipe, sscd_path) if "generate" in stages else None
     methods = {name: make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
@@ -318,11 +331,11 @@ def run_demo(
         "samples": samples,
         "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if samples else [],
     }
-    both = len({r.memorized for r in records}) == 2
-    if "detect" in stages and not both and list(stages) != ["detect"]:
+    if "detect" in stages and not both:
         log.warning("detection skipped: it compares memorized with other prompts and this set has only one kind")
     elif "detect" in stages:
-        results["detection"] = run_detection(pipe, records, store, seeds, detectors)
+        results["detection"] = run_detection(pipe, records, store, seeds, detectors,
+                                             (method_params or {}).get("nemo", {}).get("pairwise_threshold"))
         roc_plot(results["detection"], out / "plots" / "roc.png")
         results["plots"].append({"title": "Detection ROC", "path": "plots/roc.png"})
     mitigations = {}

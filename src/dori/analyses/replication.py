@@ -93,7 +93,9 @@ def evaluate_requests(
     """Generate every request's ``records x seeds`` and return its sample rows (a list per request).
 
     The pending images of all requests share UNet batches (e.g. every budget and baseline of one attack
-    target in one sampling loop, instead of one small loop each).
+    target in one sampling loop, instead of one small loop each). ``nearest_reference`` is searched among
+    the references of all requests' records, so requests over the same records (as the bypass stage
+    makes) get the rows each would get alone.
 
     Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
     nearest_reference, nearest_score (best match among all references of the set: the

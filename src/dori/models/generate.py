@@ -42,7 +42,6 @@ class GenerationOutput:
     timesteps: list[int]
 
 
-@torch.no_grad()
 def unet_place(pipe) -> tuple[torch.device, torch.dtype]:
     """The UNet's device and dtype, read from its first parameter (diffusers' ``unet.device`` and
     ``unet.dtype`` walk every submodule on each access: a measurable cost in loops of small UNet calls)."""
@@ -50,6 +49,7 @@ def unet_place(pipe) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+@torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
     """Text embeddings ``N x 77 x D`` exactly as SD computes them (padded to the tokenizer's max length)."""
     tok = pipe.tokenizer

@@ -1,16 +1,17 @@
 """results.json: the single source of truth of a run; written atomically, assembled from per-item files.
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2: ``detection`` became a list, one entry per detector)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "manifest": {"command", "config", "versions", "git", "seeds", "started", "finished", "seconds"},
       "samples": [ {stage, setting, budget, caption, kind, seed, image, reference, score, replicated,
                     metric, ...extra fields} ],
       "aggregates": { "<stage>/<setting>/<kind>": {n_samples, n_images, score_mean, score_std,
                       score_median, score_mad, mr, mr_any_seed}, ... },
-      "metric": {"name", "threshold"},
-      ... stage-specific sections
+      "metric": {"name", "threshold"} or null (no image generated, e.g. ``dori detect``),
+      "detection": [ {name, detector, scores, auroc, tpr_at_1pct_fpr, roc, ...} ],
+      ... other stage-specific sections
     }
 
 Paths in rows (``image``, ``reference``) are relative to the run directory.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

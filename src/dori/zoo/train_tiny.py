@@ -104,7 +104,8 @@ class TrainConfig:
     guidance_scale: float = 2.0
     # Latents = pixels in [-1, 1] times this (the pixel VAE's scaling_factor). 1.0 is the shipped model;
     # 2.0 gives about unit variance, as SD's latent scaling does (tried for NeMo's first-step signal:
-    # it memorizes as well and does not lower NeMo's floor, docs/tiny-model.md).
+    # it memorizes as well and does not lower NeMo's floor, docs/tiny-model.md). The method settings
+    # written with it (METHOD_DEFAULTS) were measured at 1.0: re-measure them for another scale.
     latent_scale: float = 1.0
     data: TinyDataSpec = field(default_factory=TinyDataSpec)
 
