@@ -20,7 +20,7 @@ def test_short_recipe_trains_and_loads(tmp_path, scale):
     assert not (tmp_path / "m.partial").exists()
     pipe = load_pipeline(out)
     img = generate(pipe, ["a red circle on a blue background"], seeds=[0], num_inference_steps=2).images
-    assert img.shape == (1, 3, 32, 32) and 0 <= img.min() and img.max() <= 1
+    assert img.shape == (1, 3, 32, 32)
     # scaled latents: the VAE divides them back; x0 is clipped to the latents' range, not rescaled
     assert pipe.vae.config.scaling_factor == scale
     assert pipe.scheduler.config.thresholding == (scale == 1.0)

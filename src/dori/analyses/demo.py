@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -59,12 +60,9 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
     """
     from dori.detectors.wen import detection_metrics
 
+    require_both_kinds(records)
     caps = [r.caption for r in records]
     labels = [r.memorized for r in records]
-    if all(labels) or not any(labels):
-        raise DoriError("detection compares memorized with other prompts, but this prompt set has "
-                        f"{'only' if all(labels) else 'no'} memorized ones: use a set with both (e.g. NeMo's "
-                        "CSV with VM/TM rows plus non-memorized prompts)")
     thr = nemo_threshold if nemo_threshold is not None else \
         pipe.dori_method_defaults.get("nemo", {}).get("pairwise_threshold", 0.428)
     out = []
@@ -79,14 +77,21 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
                               for c, r, s in zip(caps, records, scores, strict=True)]}
             res |= detection_metrics(scores, labels)
             if name == "seed-consistency":
-                flagged = [s > thr for s in scores]
-                res |= {"threshold": thr,
-                        "flagged_memorized": sum(f for f, m in zip(flagged, labels, strict=True) if m) / sum(labels),
-                        "flagged_others": sum(f for f, m in zip(flagged, labels, strict=True) if not m)
-                        / (len(labels) - sum(labels))}
+                above = {m: [s > thr for s, lab in zip(scores, labels, strict=True) if lab == m] for m in (True, False)}
+                res |= {"threshold": thr, "flagged_memorized": statistics.fmean(above[True]),
+                        "flagged_others": statistics.fmean(above[False])}
             store.put(key, res)
         out.append(res)
     return out
+
+
+def require_both_kinds(records) -> None:
+    """Detection compares memorized with other prompts: one clear error when a set lacks either."""
+    kinds = {r.memorized for r in records}
+    if len(kinds) < 2:
+        raise DoriError("detection compares memorized with other prompts, but this prompt set has "
+                        f"{'only' if True in kinds else 'no'} memorized ones: use a set with both (e.g. "
+                        "NeMo's CSV with VM/TM rows plus non-memorized prompts)")
 
 
 def check_method_params(method_params: dict[str, dict], stages: Sequence[str] | None = None) -> None:
@@ -295,10 +300,8 @@ def run_demo(
                         "add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
     both = len({r.memorized for r in records}) == 2
-    if list(stages) == ["detect"] and not both:
-        raise DoriError("detection compares memorized with other prompts, but this prompt set has "
-                        f"{'only' if records and records[0].memorized else 'no'} memorized ones: use a set "
-                        "with both (e.g. NeMo's CSV with VM/TM rows plus non-memorized prompts)")
+    if list(stages) == ["detect"]:
+        require_both_kinds(records)
     pipe = load_pipeline(model, device=device)
     if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_name", "") != "tiny" \
             and tuple(stages) == DEFAULT_STAGES:

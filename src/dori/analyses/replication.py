@@ -125,14 +125,12 @@ def evaluate_requests(
     first = requests[pending[0][0]] if pending else None
     desc = f"{first.stage}/{first.setting}" if first else "evaluate"
     for chunk in tqdm(chunks, desc=desc, disable=len(chunks) < 2, leave=False):
-        if all(requests[qi].embeds is None for qi, _ in chunk):
-            out = generate(pipe, [r.caption for _, r in chunk], seeds=seeds, batch_size=batch_size, **gen_kwargs)
-        else:
-            with torch.no_grad():
-                e = [requests[qi].embeds[r.caption] if requests[qi].embeds is not None
-                     else encode_prompts(pipe, [r.caption])[0] for qi, r in chunk]
-            out = generate(pipe, prompt_embeds=torch.stack([x.to(e[0]) for x in e]), seeds=seeds,
-                           batch_size=batch_size, **gen_kwargs)
+        # captions are encoded together (as generate() would), triggers used as given
+        texts = [r.caption for qi, r in chunk if requests[qi].embeds is None]
+        enc = dict(zip(texts, encode_prompts(pipe, texts), strict=True)) if texts else {}
+        e = [enc[r.caption] if requests[qi].embeds is None else requests[qi].embeds[r.caption] for qi, r in chunk]
+        out = generate(pipe, prompt_embeds=torch.stack([x.to(e[0]) for x in e]), seeds=seeds,
+                       batch_size=batch_size, **gen_kwargs)
         sims = metric.pairwise(out.images, refs) if refs else None
         rows: dict[int, list[dict]] = {}
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):

@@ -132,8 +132,7 @@ class NeMo:
     @torch.no_grad()
     def activations(self, pipe, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """``mean over tokens of |to_v(e)|`` per layer: ``P x neurons`` (text embedding only, no UNet)."""
-        layers = resolve_layers(pipe.unet, self.layer_group)
-        return {ref.name: ref.module(prompt_embeds).abs().mean(dim=1) for ref in layers}
+        return {ref.name: ref.module(prompt_embeds).abs().mean(dim=1) for ref in self._layers(pipe)}
 
     def fit_statistics(self, pipe, prompts: Sequence[str], batch_size: int = 256) -> dict:
         """Mean and std of every neuron's activation over non-memorized ``prompts`` (cached on disk)."""
