@@ -15,18 +15,18 @@ import torch
 from dori import load_pipeline, load_prompt_set
 from dori.attacks.dori import DoRI
 from dori.data.prompts import load_reference
-from dori.models.generate import encode_prompts, predict_noise
+from dori.models.generate import encode_prompts, predict_noise, training_target
 
 
 def bare_steps(pipe, images, prompts, pairs, steps):
     y = encode_prompts(pipe, prompts).repeat_interleave(pairs, 0).clone().requires_grad_(True)
     x = (images * 2 - 1).repeat_interleave(pairs, 0)
     t = torch.randint(0, 1000, (x.shape[0],))
-    eps = torch.randn_like(x)
+    target = training_target(pipe.scheduler, x, torch.randn_like(x), t)  # eps, or v for a v-model
     opt = torch.optim.Adam([y], lr=0.1)
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = (predict_noise(pipe, x, t, y) - eps).pow(2).mean()
+        loss = (predict_noise(pipe, x, t, y) - target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

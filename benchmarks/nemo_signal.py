@@ -31,7 +31,7 @@ from dori.data.prompts import load_reference
 from dori.metrics.pixel import PixelSSIM
 from dori.mitigations.masks import Mask, apply_mask
 from dori.mitigations.nemo import NeMo, _max_pairwise, _minmax, _ssim
-from dori.models.generate import encode_prompts, generate, initial_noise
+from dori.models.generate import encode_prompts, generate, initial_noise, to_epsilon
 from dori.models.layers import resolve_layers
 
 KINDS = ("memorized", "seen_once", "held_out", "procedural")
@@ -93,7 +93,7 @@ def main():
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         cond = encode_prompts(pipe, [rec.caption]).expand(len(seeds), -1, -1)
         with torch.no_grad():
-            pred = pipe.unet(x_t, t, encoder_hidden_states=cond).sample
+            pred = to_epsilon(sched, pipe.unet(x_t, t, encoder_hidden_states=cond).sample, x_t, t)
         err, share = pred - eps, (abar / (1 - abar)).sqrt() * (x0 - x0.mean())
         print(f"{rec.caption[:34]:34} {norm(err):15.2f} {norm(fine(err)):6.2f} {norm(share):30.2f} "
               f"{norm(fine(share)):6.2f}", flush=True)

@@ -16,13 +16,14 @@ def _hash(unet):
 
 @torch.no_grad()
 def _fixed_loss(pipe, img, embeds, n=64):
-    from dori.models.generate import predict_noise
+    from dori.models.generate import predict_noise, training_target
 
     g = torch.Generator().manual_seed(123)
     eps = torch.randn((n, *img.shape[1:]), generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
-    z = pipe.scheduler.add_noise((img * 2 - 1).expand(n, -1, -1, -1), eps, t)
-    return torch.stack([(predict_noise(pipe, z, t, e[None].expand(n, -1, -1)) - eps).pow(2).mean() for e in embeds])
+    x0 = (img * 2 - 1).expand(n, -1, -1, -1)
+    z, target = pipe.scheduler.add_noise(x0, eps, t), training_target(pipe.scheduler, x0, eps, t)
+    return torch.stack([(predict_noise(pipe, z, t, e[None].expand(n, -1, -1)) - target).pow(2).mean() for e in embeds])
 
 
 def test_dori_loss_falls_and_only_the_embedding_changes(tiny_pipe):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dori.errors import DoriError
-from dori.models.generate import encode_prompts, generate, predict_noise
+from dori.models.generate import encode_prompts, generate, predict_noise, to_epsilon, training_target
 
 CAPS = ["a red circle on a blue background", "chelsea the orange tabby cat looking up"]
 
@@ -84,3 +84,31 @@ def test_requests_share_batches_and_give_each_its_rows(tiny_pipe, tmp_path):
             [(r["stage"], r["setting"], r["budget"], r["caption"], r.get("attack")) for r in a]
         assert [r["score"] for r in t] == pytest.approx([r["score"] for r in a], abs=1e-6)
     assert together[1][0]["score"] < together[0][0]["score"] - 0.3  # the other photo, not this caption's
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_convert_to_the_noise(kind):
+    """An exact prediction in any parameterization converts back to the exact noise (per-sample t)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand((3, 3, 8, 8), generator=g) * 2 - 1, torch.randn((3, 3, 8, 8), generator=g)
+    t = torch.tensor([5, 500, 990])
+    x_t = sched.add_noise(x0, eps, t)
+    target = training_target(sched, x0, eps, t)
+    torch.testing.assert_close(to_epsilon(sched, target, x_t, t), eps, rtol=1e-4, atol=1e-4)
+    if kind == "v_prediction":
+        torch.testing.assert_close(target, sched.get_velocity(x0, eps, t))
+    sched.set_timesteps(50)
+    step = sched.step(target[2:], int(t[2]), x_t[2:])  # diffusers reads the same parameterization
+    torch.testing.assert_close(step.pred_original_sample, x0[2:], rtol=1e-3, atol=1e-3)
+
+
+def test_unknown_prediction_type_is_refused():
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler()
+    sched.register_to_config(prediction_type="flow")
+    with pytest.raises(DoriError, match="prediction_type"):
+        to_epsilon(sched, torch.zeros(1), torch.zeros(1), 5)

@@ -251,6 +251,8 @@ def train_tiny_cmd(
     steps: int = typer.Option(None, help="training steps (default: the shipped recipe's)"),
     duplicates: int = typer.Option(None, help="copies of each memorized photo in the training set"),
     latent_scale: float = typer.Option(1.0, help="latents = pixels in [-1, 1] times this (shipped: 1)"),
+    prediction_type: str = typer.Option(None, help="epsilon (SD 1.x) or v_prediction (SD 2.x-768); "
+                                        "default: the shipped recipe's"),
     seed: int = typer.Option(0),
 ):
     """Train the embedded tiny model from scratch with the shipped recipe (29 min on 2 cores)."""
@@ -258,6 +260,8 @@ def train_tiny_cmd(
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 
     cfg = TrainConfig(out=str(out), seed=seed, latent_scale=latent_scale)
+    if prediction_type is not None:
+        cfg.prediction_type = prediction_type
     if steps is not None:
         cfg.steps = steps
     if duplicates is not None:

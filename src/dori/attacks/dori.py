@@ -8,7 +8,7 @@ possibly mitigated model denoises towards a target image, with the standard trai
     for k in 1..K:                                   # K = 50
         draw B = 8 fresh (eps ~ N(0, I), t ~ U{t_min..t_max}) pairs
         z_t <- sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-        L   <- mean || eps - eps_theta(z_t, t, y) ||^2   # gradient w.r.t. y only
+        L   <- mean || eps - eps_theta(z_t, t, y) ||^2   # gradient w.r.t. y only (v-models: v target)
         y   <- Adam step (lr)
 
 Several targets and restarts are optimized together: one batched UNet call per step. Model weights
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dori.models.generate import encode_prompts, predict_noise, unet_place
+from dori.models.generate import encode_prompts, predict_noise, training_target, unet_place
 
 
 @dataclass
@@ -157,7 +157,8 @@ class DoRI:
             t = (t_lo + torch.multinomial(t_prob, z0_rep.shape[0], replacement=True, generator=g)).to(dev)
             z_t = pipe.scheduler.add_noise(z0_rep, eps, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
             pred = predict_noise(pipe, z_t, t, y.repeat_interleave(self.pairs, dim=0))
-            per = (pred.float() - eps.float()).pow(2).flatten(1).mean(1).view(len(idx), self.pairs).mean(1)
+            target = training_target(pipe.scheduler, z0_rep, eps, t)  # eps (SD 1.x) or v (SD 2.x-768)
+            per = (pred.float() - target.float()).pow(2).flatten(1).mean(1).view(len(idx), self.pairs).mean(1)
             opt.zero_grad(set_to_none=True)
             per.sum().backward()
             if keep is not None:

@@ -59,8 +59,43 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor) -> torch.Tensor:
-    """One UNet evaluation ``eps_theta(latents, t, embeds)``; differentiable w.r.t. its inputs."""
+    """One UNet evaluation in the model's own parameterization (``eps_theta(latents, t, embeds)`` for an
+    epsilon model, ``v_theta`` for a v-prediction model such as SD 2.x-768); differentiable."""
     return pipe.unet(latents, t, encoder_hidden_states=embeds).sample
+
+
+def _abar(scheduler, t, like: torch.Tensor) -> torch.Tensor:
+    a = scheduler.alphas_cumprod.to(like.device)[torch.as_tensor(t, device=like.device).long()]
+    return a.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1))) if a.ndim else a.to(like.dtype)
+
+
+def to_epsilon(scheduler, output: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
+    """The noise prediction ``eps`` from a UNet output in the scheduler's ``prediction_type``
+    (detectors and NeMo read noise predictions, whatever the model predicts)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    a = _abar(scheduler, t, latents)
+    if kind == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * latents
+    if kind == "sample":
+        return (latents - a.sqrt() * output) / (1 - a).sqrt()
+    raise DoriError(f"unknown prediction_type {kind!r} in the scheduler config")
+
+
+def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    """What the UNet learns to output for ``x_t = sqrt(abar_t) clean + sqrt(1 - abar_t) noise``: the
+    noise, the velocity ``sqrt(abar_t) noise - sqrt(1 - abar_t) clean`` or the clean sample, by the
+    scheduler's ``prediction_type`` (the training loss, and DoRI's)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        a = _abar(scheduler, t, clean)
+        return a.sqrt() * noise - (1 - a).sqrt() * clean
+    if kind == "sample":
+        return clean
+    raise DoriError(f"unknown prediction_type {kind!r} in the scheduler config")
 
 
 def initial_noise(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:
@@ -103,7 +138,8 @@ def generate(
         num_inference_steps, guidance_scale: default to the model's (``pipe.dori_defaults``).
         negative_embeds: the unconditional embedding (``1 x 77 x D``); default: the empty prompt's.
         batch_size: samples per UNet call (CFG doubles the UNet batch).
-        return_noise_preds: keep the unconditional and conditional noise prediction of every step.
+        return_noise_preds: keep the unconditional and conditional noise prediction of every step (as
+            ``eps``, converted from the model's output for v-prediction models).
         stop_after: run only the first k denoising steps (detectors); ``images`` is then None.
         grad: keep the autograd graph (a differentiable path through the whole sampler).
         callback: called as ``callback(step, t, latents)`` after each step.
@@ -157,7 +193,7 @@ def generate(
                     eps_c = predict_noise(pipe, x_in, t, cond)
                     eps_u, eps = eps_c, eps_c
                 if return_noise_preds:
-                    noise_preds[i].append(torch.stack([eps_u, eps_c]))
+                    noise_preds[i].append(to_epsilon(sched, torch.stack([eps_u, eps_c]), x_in, t))
                 latents = sched.step(eps, t, latents).prev_sample
                 if callback is not None:
                     callback(i, int(t), latents)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dori.models.generate import training_target
 from dori.zoo.tiny_data import RESOLUTION, TinyDataSpec, build_train_set
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,13 @@ class TrainConfig:
     # it memorizes as well and does not lower NeMo's floor, docs/tiny-model.md). The method settings
     # written with it (METHOD_DEFAULTS) were measured at 1.0: re-measure them for another scale.
     latent_scale: float = 1.0
+    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x-768): what the UNet learns to predict.
+    prediction_type: str = "epsilon"
     data: TinyDataSpec = field(default_factory=TinyDataSpec)
 
 
-def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_scale: float = 1.0):
+def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_scale: float = 1.0,
+                          prediction_type: str = "epsilon"):
     """Untrained tiny pipeline components. The tokenizer folder holds CLIP's vocab.json/merges.txt."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -127,16 +131,19 @@ def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_s
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         vae=PixelIdentityVAE(sample_size=RESOLUTION, scaling_factor=latent_scale),
-        scheduler=DDIMScheduler(**scheduler_config(latent_scale)),
+        scheduler=DDIMScheduler(**scheduler_config(latent_scale, prediction_type)),
     )
 
 
-def scheduler_config(latent_scale: float = 1.0) -> dict:
+def scheduler_config(latent_scale: float = 1.0, prediction_type: str = "epsilon") -> dict:
     """The sampling scheduler's settings for latents of ``latent_scale``. diffusers' dynamic thresholding
     rescales x0 into [-1, 1], so scaled latents clip x0 to [-scale, scale] instead."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    cfg = {**SCHEDULER_CONFIG, "prediction_type": prediction_type}
     if latent_scale == 1.0:
-        return dict(SCHEDULER_CONFIG)
-    return {**SCHEDULER_CONFIG, "thresholding": False, "clip_sample": True, "clip_sample_range": latent_scale}
+        return cfg
+    return {**cfg, "thresholding": False, "clip_sample": True, "clip_sample_range": latent_scale}
 
 
 @torch.no_grad()
@@ -169,7 +176,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
     if cfg.latent_scale <= 0:
         raise ValueError(f"latent_scale must be positive, got {cfg.latent_scale}")
-    comps = build_tiny_components(tokenizer_dir, cfg.seed, cfg.latent_scale)
+    comps = build_tiny_components(tokenizer_dir, cfg.seed, cfg.latent_scale, cfg.prediction_type)
     unet, te, tok = comps["unet"], comps["text_encoder"], comps["tokenizer"]
     unet.set_attn_processor(AttnProcessor())  # few small heads: the classic processor is faster on CPU
 
@@ -182,7 +189,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         embeds, empty = _encode(tok, te, data.captions), _encode(tok, te, [""])
     images = (data.images * 2 - 1) * cfg.latent_scale  # the VAE slot is the identity: latents are pixels
 
-    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config(1.0, cfg.prediction_type).items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
     abar = noise_sched.alphas_cumprod
     g = torch.Generator().manual_seed(cfg.seed)
@@ -215,14 +222,14 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, cond).sample, noise)
+        loss = F.mse_loss(unet(xt, t, cond).sample, training_target(noise_sched, x0, noise, t))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
+        bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
 
     unet.eval()
     te.eval().requires_grad_(False)
