@@ -76,3 +76,18 @@ def test_memorization_rate_aggregations():
     assert s["n_images"] == 2 and s["score_median"] == pytest.approx(0.15)
     with pytest.raises(ValueError):
         memorization_rate(rows, "max")
+
+
+def test_procedural_check_reads_colour_shape_and_an_optional_background():
+    import numpy as np
+
+    from dori.metrics.procedural import check_procedural
+    from dori.zoo.tiny_data import render_procedural
+
+    img = render_procedural("red", "square", "blue", np.random.default_rng(0))
+    named = check_procedural(img, "red", "square", "blue")
+    assert named["ok"] and named["background_ok"]
+    unnamed = check_procedural(img, "red", "square")
+    assert unnamed["ok"] and unnamed["background_ok"] is None
+    assert not check_procedural(img, "red", "square", "green")["ok"]
+    assert not check_procedural(img, "green", "square")["ok"]

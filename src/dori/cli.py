@@ -108,8 +108,9 @@ def _print_replication(res: dict) -> None:
 def _print_analyses(res: dict, out: Path) -> None:
     if "procedural" in res:
         p = res["procedural"]
+        bg = "" if p["background_accuracy"] is None else f"background {p['background_accuracy']:.2f}, "
         Console().print(f"procedural captions: colour {p['color_accuracy']:.2f}, shape {p['shape_accuracy']:.2f}, "
-                        f"background {p['background_accuracy']:.2f}, all three {p['all_accuracy']:.2f}")
+                        f"{bg}all named attributes {p['all_accuracy']:.2f}")
     for d in res.get("detection", []):
         line = f"detection ({d['name']}): AUROC {d['auroc']:.3f}, TPR@1%FPR {d['tpr_at_1pct_fpr']:.2f}"
         if "threshold" in d:

@@ -197,9 +197,11 @@ def procedural_accuracy(samples: list[dict]) -> dict | None:
     rows = [s["procedural"] for s in samples if "procedural" in s and s["setting"] == "none"]
     if not rows:
         return None
-    return {f"{k}_accuracy": sum(r[f"{k}_ok"] for r in rows) / len(rows)
-            for k in ("color", "shape", "background")} | {
-        "all_accuracy": sum(r["ok"] for r in rows) / len(rows), "n_samples": len(rows)}
+    out = {}
+    for k in ("color", "shape", "background"):
+        asked = [r[f"{k}_ok"] for r in rows if r[f"{k}_ok"] is not None]
+        out[f"{k}_accuracy"] = sum(asked) / len(asked) if asked else None  # None: never named
+    return out | {"all_accuracy": sum(r["ok"] for r in rows) / len(rows), "n_samples": len(rows)}
 
 
 def score_histogram(samples: list[dict], threshold: float, path: Path) -> None:

@@ -153,8 +153,8 @@ def evaluate_requests(
                 row["score"] = row["nearest_score"]
             if row["score"] is not None:
                 row["replicated"] = bool(row["score"] > metric.threshold)
-            if rec.kind == "procedural" and {"color", "shape", "background"} <= rec.meta.keys():
-                chk = check_procedural(out.images[j], rec.meta["color"], rec.meta["shape"], rec.meta["background"])
+            if rec.kind == "procedural" and {"color", "shape"} <= rec.meta.keys():
+                chk = check_procedural(out.images[j], rec.meta["color"], rec.meta["shape"], rec.meta.get("background"))
                 row["procedural"] = {k: chk[k] for k in ("color", "shape", "background", "color_ok",
                                                           "shape_ok", "background_ok", "ok")}
             row.update(q.item_extra or {})

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dori.data.prompts import PromptRecord
 from dori.zoo.tiny_data import PHOTO_CAPTIONS, TinyDataSpec, lfw_caption, procedural_caption
 
-# Procedural captions evaluated by the demo: each colour, shape and background appears.
+# Procedural captions evaluated by the demo: each colour, shape and background appears. The background is
+# named in the caption only for models trained that way (TinyDataSpec.caption_background).
 PROCEDURAL_EVAL = [
     ("red", "circle", "blue"), ("green", "square", "white"), ("blue", "triangle", "yellow"),
     ("yellow", "circle", "black"), ("white", "triangle", "purple"), ("black", "square", "orange"),
@@ -44,8 +45,10 @@ def tiny_prompt_set(spec: TinyDataSpec | None = None, lfw_per_set: int = 2) -> l
     faces, patches = [i for i in spec.lfw_held_out if i < 100], [i for i in spec.lfw_held_out if i >= 100]
     out += [lfw(i, "held_out") for i in faces[: lfw_per_set // 2 or 1] + patches[: lfw_per_set // 2 or 1]]
     for c, s, b in PROCEDURAL_EVAL:
-        out.append(PromptRecord(procedural_caption(c, s, b), "procedural", None, "none", f"{c}-{s}-{b}",
-                                "tiny", {"color": c, "shape": s, "background": b}))
+        b = b if spec.caption_background else None
+        meta = {"color": c, "shape": s} | ({"background": b} if b else {})
+        out.append(PromptRecord(procedural_caption(c, s, b), "procedural", None, "none", "-".join(meta.values()),
+                                "tiny", meta))
     out += [PromptRecord(c, "unseen", None, "none", f"unseen{i}", "tiny") for i, c in enumerate(UNSEEN_CAPTIONS)]
     return out
 
@@ -56,7 +59,7 @@ def tiny_stats_prompts(n_procedural: int = 400, seed: int = 12345) -> list[str]:
     from dori.zoo.tiny_data import procedural_items
 
     spec = TinyDataSpec()
-    caps = [c for c, _ in procedural_items(n_procedural, seed)]
+    caps = [c for c, _ in procedural_items(n_procedural, seed, spec.caption_background)]
     caps += [PHOTO_CAPTIONS[n] for n in spec.seen_once]
     caps += [lfw_caption(i) for i in spec.lfw_seen_once]
     return caps

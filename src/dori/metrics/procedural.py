@@ -1,4 +1,4 @@
-"""A programmatic check that a procedural image shows the named colour, shape and background.
+"""A programmatic check that a procedural image shows the named colour and shape (and background, if named).
 
 Background colour: median of the border pixels. Foreground: pixels farther than 0.3 (RGB distance)
 from it. The foreground and background colours are matched to the nearest named colour; the shape is
@@ -20,8 +20,9 @@ def _nearest_color(rgb: torch.Tensor) -> str:
     return names[int(((ref - rgb) ** 2).sum(1).argmin())]
 
 
-def check_procedural(image: torch.Tensor, color: str, shape: str, background: str) -> dict:
-    """Check one ``3 x H x W`` image in [0, 1]. Returns the detected attributes and ``ok`` flags."""
+def check_procedural(image: torch.Tensor, color: str, shape: str, background: str | None = None) -> dict:
+    """Check one ``3 x H x W`` image in [0, 1]. Returns the detected attributes and ``ok`` flags
+    (``background_ok`` is None when no background is asked for; ``ok`` = every asked attribute right)."""
     img = image.detach().float().cpu()
     border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
     bg = border.median(dim=1).values
@@ -37,6 +38,6 @@ def check_procedural(image: torch.Tensor, color: str, shape: str, background: st
         found["shape"] = min(_FILL, key=lambda s: abs(_FILL[s] - fill))
     found["color_ok"] = found["color"] == color
     found["shape_ok"] = found["shape"] == shape
-    found["background_ok"] = found["background"] == background
-    found["ok"] = found["color_ok"] and found["shape_ok"] and found["background_ok"]
+    found["background_ok"] = None if background is None else found["background"] == background
+    found["ok"] = found["color_ok"] and found["shape_ok"] and found["background_ok"] is not False
     return found

@@ -126,7 +126,8 @@ def render_report(run_dir: str | Path) -> Path:
                      "photos of the set: any replication there is regurgitation.</p>")
     if "procedural" in res:
         parts.append("<h2>Procedural captions: named colour and shape</h2>")
-        parts.append(_table([res["procedural"]], list(res["procedural"])))
+        shown = {k: v for k, v in res["procedural"].items() if v is not None}  # None: attribute never named
+        parts.append(_table([shown], list(shown)))
     for d in res.get("detection", []):
         parts.append(f"<h2>Detection: {html.escape(d['detector'])}</h2><p>AUROC <b>{d['auroc']:.3f}</b>, "
                      f"TPR at 1% FPR <b>{d['tpr_at_1pct_fpr']:.2f}</b> (memorized vs all other captions)</p>")

@@ -4,8 +4,8 @@ Real Stable Diffusion classes at tiny size: a ``UNet2DConditionModel`` with cros
 mid and up blocks (SD v1.x block types), a small ``CLIPTextModel`` trained with the UNet (SD freezes a
 pretrained CLIP; a frozen random one binds text too weakly, see ``TrainConfig.train_text_encoder``)
 behind the real CLIP BPE tokenizer, SD's noise schedule, and a pixel-space identity VAE.
-Trained with the standard epsilon-prediction loss and 10% caption dropout on :mod:`dori.zoo.tiny_data`,
-where the memorized photos are heavily duplicated.
+Trained with SD 2.x-768's v-prediction loss (``prediction_type``; epsilon as SD 1.x is an option) and
+10% caption dropout on :mod:`dori.zoo.tiny_data`, where the memorized photos are heavily duplicated.
 """
 
 from __future__ import annotations
@@ -108,8 +108,11 @@ class TrainConfig:
     # it memorizes as well and does not lower NeMo's floor, docs/tiny-model.md). The method settings
     # written with it (METHOD_DEFAULTS) were measured at 1.0: re-measure them for another scale.
     latent_scale: float = 1.0
-    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x-768): what the UNet learns to predict.
-    prediction_type: str = "epsilon"
+    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x-768): what the UNet learns to predict. The shipped
+    # model predicts v: its first-step noise prediction is then exact enough for NeMo's signal (an
+    # epsilon model this small misses the first step's noise by more than the memorized photo's share
+    # of it, docs/tiny-model.md).
+    prediction_type: str = "v_prediction"
     data: TinyDataSpec = field(default_factory=TinyDataSpec)
 
 
