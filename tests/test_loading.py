@@ -68,3 +68,22 @@ def test_real_sd_pipeline_loads_and_resolves_nemo_layers():
 
     pipe = load_pipeline(os.environ["DORI_SD_PATH"])
     assert len(resolve_layers(pipe.unet, "nemo-value")) == 7
+
+
+def test_model_id_follows_the_weights(tiny_pipe):
+    """Run items are keyed by model_id: a changed weight must change it (a retrained model is recomputed)."""
+    import torch
+
+    from dori.models.loading import model_id, weights_fingerprint
+
+    before = model_id(tiny_pipe)
+    assert before.startswith("tiny@") and weights_fingerprint(tiny_pipe) == tiny_pipe.dori_fingerprint
+    w = next(tiny_pipe.unet.parameters())
+    old = w.detach().view(-1)[0].clone()
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0
+        try:
+            assert weights_fingerprint(tiny_pipe) != tiny_pipe.dori_fingerprint
+        finally:
+            w.view(-1)[0] = old
+    assert weights_fingerprint(tiny_pipe) == tiny_pipe.dori_fingerprint and model_id(tiny_pipe) == before

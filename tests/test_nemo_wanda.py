@@ -26,7 +26,7 @@ def test_statistics_are_cached_and_reloaded(tiny_pipe, nemo_kwargs):
     stats = a.fit_statistics(tiny_pipe, tiny_stats_prompts()[:50])
     b = NeMo(**nemo_kwargs)
     again = b.fit_statistics(tiny_pipe, tiny_stats_prompts()[:50])
-    assert list(stats) == [r.name for r in resolve_layers(tiny_pipe.unet, "nemo-value")]
+    assert list(stats) == [r.name for r in resolve_layers(tiny_pipe.unet, a.layer_group)]
     for n in stats:
         assert torch.equal(stats[n][0], again[n][0]) and torch.equal(stats[n][1], again[n][1])
     assert len(list((nemo_kwargs["stats_cache"] / "nemo_stats").glob("*.safetensors"))) == 1
@@ -34,12 +34,14 @@ def test_statistics_are_cached_and_reloaded(tiny_pipe, nemo_kwargs):
 
 def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny_pipe, nemo_kwargs, caplog):
     stats = tiny_stats_prompts()
+    kw = nemo_kwargs | {"layer_group": "nemo-value"}  # SD's group: 4 layers here, cheaper than the shipped 10
     with caplog.at_level(logging.WARNING, logger="dori.mitigations.nemo"):
-        seq = NeMo(**nemo_kwargs, batch_candidates=1).localize(tiny_pipe, MEMORIZED, stats)
-    # the tiny model's property (docs/tiny-model.md): NeMo's threshold is out of reach, and it says so
-    assert not seq.stats["threshold_reachable"]
-    assert any("almost surely out of reach" in r.getMessage() for r in caplog.records)
-    bat = NeMo(**nemo_kwargs, batch_candidates=16).localize(tiny_pipe, MEMORIZED, stats)
+        seq = NeMo(**kw, batch_candidates=1).localize(tiny_pipe, MEMORIZED, stats)
+    # NeMo warns exactly when even the whole layer group deactivated stays above its threshold
+    warned = any("almost surely out of reach" in r.getMessage() for r in caplog.records)
+    assert warned == (not seq.stats["threshold_reachable"])
+    assert seq.stats["threshold_reachable"] == (seq.stats["signal_floor"] <= NeMo(**kw).threshold)
+    bat = NeMo(**kw, batch_candidates=16).localize(tiny_pipe, MEMORIZED, stats)
     assert seq.memorized and bat.memorized
     assert seq.mask.counts() == bat.mask.counts()
     assert all(torch.equal(seq.mask.layers[n], bat.mask.layers[n]) for n in seq.mask.layers)
@@ -47,6 +49,26 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
     assert seq.stats["signal_floor"] == pytest.approx(bat.stats["signal_floor"], abs=1e-6)
     assert bat.stats["unet_calls"] < seq.stats["unet_calls"]
     assert 0 < len(bat.mask) <= bat.stats["n_initial"]
+
+
+def test_nemo_with_the_shipped_settings_stops_a_memorized_image(tiny_pipe, nemo_kwargs):
+    """docs/tiny-model.md: NeMo stops 6 of 8 memorized images of the tiny model; the cat is one."""
+    from dori.data.prompts import load_reference
+    from dori.metrics.pixel import PixelSSIM
+    from dori.models.generate import generate
+
+    rec = next(r for r in load_prompt_set("tiny") if r.caption == MEMORIZED)
+    metric, seeds = PixelSSIM(), [0, 1, 2, 3]
+
+    def mr() -> float:
+        scores = metric.score(generate(tiny_pipe, [MEMORIZED], seeds=seeds).images, load_reference(rec))
+        return float((scores > metric.threshold).float().mean())
+
+    res = NeMo(**nemo_kwargs).localize(tiny_pipe, MEMORIZED, tiny_stats_prompts())
+    before = mr()
+    with apply_mask(tiny_pipe, res.mask):
+        after = mr()
+    assert res.stats["threshold_reachable"] and before >= 0.75 and after <= 0.25, (before, after)
 
 
 def test_signal_floor_is_the_signal_with_every_neuron_deactivated(tiny_pipe, nemo_kwargs):
@@ -60,11 +82,11 @@ def test_signal_floor_is_the_signal_with_every_neuron_deactivated(tiny_pipe, nem
     with apply_mask(tiny_pipe, everything):
         blocked = nemo.noise_diffs(tiny_pipe, e, nemo.seeds)[0]
     assert floor == pytest.approx(float(_ssim(vanilla, blocked).max()), abs=1e-5)
-    assert 0.5 < floor < 1.0
+    assert 0 < floor <= nemo.threshold  # the shipped setting can be reached (docs/tiny-model.md: 0.27-0.50)
 
 
 def test_non_memorized_prompt_gets_no_neurons(tiny_pipe, nemo_kwargs):
-    res = NeMo(**nemo_kwargs).localize(tiny_pipe, "a red circle on a blue background", tiny_stats_prompts())
+    res = NeMo(**nemo_kwargs).localize(tiny_pipe, "close up of a grey brick wall", tiny_stats_prompts())
     assert not res.memorized and len(res.mask) == 0
 
 

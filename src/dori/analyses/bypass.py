@@ -41,6 +41,7 @@ from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate, summarize
 from dori.mitigations.masks import Mask, apply_mask
+from dori.models.loading import model_id
 from dori.reports.images import slug
 from dori.reports.results import ItemStore, write_json
 
@@ -69,7 +70,7 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
     params = json.loads(json.dumps({"attack": attack.params(), "budgets": list(budgets), "seed": seed,
-                                    "group": [r.caption for r in recs], "model": getattr(pipe, "dori_name", None),
+                                    "group": [r.caption for r in recs], "model": model_id(pipe),
                                     "mask": mask.digest() if mask is not None else None}))  # as read back
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]

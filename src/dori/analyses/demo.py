@@ -14,7 +14,7 @@ from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
 from dori.models.layers import resolve_layers
-from dori.models.loading import load_pipeline
+from dori.models.loading import load_pipeline, model_id
 from dori.reports.html import render_report
 from dori.reports.results import SCHEMA_VERSION, ItemStore, manifest, write_json
 
@@ -29,7 +29,7 @@ DEMO_BUDGETS = (0, 10, 50)
 # The demo mitigates and attacks the first 3 memorized images and measures the mitigations' effect on 4
 # captions of each non-memorized kind, so that every stage (NeMo included) fits in 5 minutes on 2 CPU
 # cores; `dori attack` and `dori mitigate` use them all.
-DEMO_TARGETS = 3
+DEMO_TARGETS = 2
 DEMO_FIDELITY_PER_KIND = 4
 STAGES = ("generate", "detect", "nemo", "wanda", "bypass")
 DEFAULT_STAGES = STAGES  # 265 s on 2 CPU cores with the demo's sizes above
@@ -68,7 +68,7 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
     out = []
     for name in detectors:
         det = make_detector(name, seeds)
-        key = store.key("detect", repr(det), caps, labels, thr, getattr(pipe, "dori_name", None))
+        key = store.key("detect", repr(det), caps, labels, thr, model_id(pipe))
         res = store.get(key)
         if res is None:
             scores = det.score(pipe, caps).tolist()

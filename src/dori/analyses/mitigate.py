@@ -24,6 +24,7 @@ from dori.data.prompts import PromptRecord
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate
 from dori.mitigations.masks import Mask, apply_mask
+from dori.models.loading import model_id
 from dori.reports.images import slug
 from dori.reports.results import ItemStore
 
@@ -34,7 +35,7 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path)
     """One mask per record, loaded from the run directory when a previous run already computed it."""
     masks = {}
     params = json.loads(json.dumps(method.params(), default=str))  # as it reads back from the mask's JSON
-    model = getattr(pipe, "dori_name", None)
+    model = model_id(pipe)
     for rec in tqdm(records, desc=f"{method.name} localize"):
         path = run_dir / "masks" / method.name / slug(rec.caption)
         if path.with_suffix(".json").is_file():

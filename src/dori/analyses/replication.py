@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from dori.data.prompts import PromptRecord, load_reference
 from dori.metrics.base import ReplicationMetric
 from dori.models.generate import generate
+from dori.models.loading import model_id
 from dori.reports.images import save_png, slug
 from dori.reports.results import ItemStore, tensor_digest
 
@@ -115,7 +116,7 @@ def evaluate_requests(
     def item_key(q: EvalRequest, rec: PromptRecord) -> str:
         digest = tensor_digest(q.embeds[rec.caption]) if q.embeds is not None else None
         return store.key(q.stage, q.setting, q.budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
-                         getattr(metric, "source", None), getattr(pipe, "dori_name", None), rec.reference,
+                         getattr(metric, "source", None), model_id(pipe), rec.reference,
                          *([digest] if digest else []), *q.key_extra)
 
     keys = [{r.caption: item_key(q, r) for r in q.records} for q in requests]

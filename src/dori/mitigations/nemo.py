@@ -22,7 +22,8 @@ Reachability check (not in the reference code): before the search, the signal is
 every neuron of the layer group deactivated. When even this floor is above ``threshold``, the
 threshold almost surely does not suit the model; NeMo warns and records ``signal_floor`` and
 ``threshold_reachable`` in the mask's metadata (the search still runs as published). On the tiny
-32x32 pixel-space model the floor is 0.83-0.97 (docs/tiny-model.md).
+32x32 epsilon model the floor was 0.83-0.97; on the shipped v-prediction one it is 0.27-0.50 with all 10
+value projections (docs/tiny-model.md).
 
 Speed-up over the reference code (which checks one candidate per UNet call and runs a UNet pass just to
 read text-only activations): candidate checks are batched, many candidate masks in one UNet call, one

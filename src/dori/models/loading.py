@@ -119,4 +119,26 @@ def load_pipeline(
     f = target / "dori_defaults.json" if isinstance(target, Path) else None
     pipe.dori_method_defaults = json.loads(f.read_text()).get("methods", {}) if f and f.is_file() else {}
     pipe.dori_name = str(name_or_path)
+    pipe.dori_fingerprint = weights_fingerprint(pipe)
     return pipe
+
+
+def weights_fingerprint(pipe) -> str:
+    """A short hash of the UNet's and text encoder's weights (names, shapes, first values of each)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for m in (pipe.unet, pipe.text_encoder):
+        for n, p in m.state_dict().items():
+            h.update(f"{n}{tuple(p.shape)}".encode())
+            h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def model_id(pipe) -> str:
+    """The model's name and weights fingerprint, part of the key of every cached run item: a run directory
+    reused after the weights changed (a retrained tiny model, a fine-tune) recomputes instead of reusing."""
+    fp = getattr(pipe, "dori_fingerprint", None)
+    if fp is None:
+        fp = pipe.dori_fingerprint = weights_fingerprint(pipe)
+    return f"{getattr(pipe, 'dori_name', None)}@{fp}"

@@ -242,7 +242,7 @@ class TinyDataSpec:
     held_out: tuple[str, ...] = ("flower", "immunohistochemistry", "hubble_deep_field", "retina")
     lfw_seen_once: tuple[int, ...] = tuple(range(0, 80)) + tuple(range(100, 180))
     lfw_held_out: tuple[int, ...] = tuple(range(80, 90)) + tuple(range(180, 190))
-    duplicates: int = 120  # copies of each memorized pair in the training set
+    duplicates: int = 240  # copies of each memorized pair in the training set
     n_procedural: int = 2500
     n_photo_crops: int = 1500  # random crops of the seen-once photos, each seen once
     # Procedural captions name the shape and its colour ("a red circle"), not the background, which is

@@ -75,13 +75,14 @@ SCHEDULER_CONFIG = dict(
 
 # Per-model settings of the methods, written to dori_defaults.json ("methods"), measured on the shipped
 # weights (docs/tiny-model.md; re-measure them for a model trained differently):
-# - NeMo: its seed-consistency signal is weak on this model (memorized 0.19-0.50), so the pairwise
-#   threshold sits below every memorized caption and the signal threshold at 0.3 (NeMo: 0.428 on SD).
-# - Wanda: the FFN output layers do not hold this model's memorized images (30% of each row pruned:
-#   MR 1.00 -> 0.91) but the value projections do (10/30/50%: 0.78/0.25/0.19), so the tiny model
-#   prunes 50% of each value-projection row (SD: 1% of each FFN row suffices).
+# - NeMo: all 10 value projections (SD's 7 down/mid ones hold SD's memorized images; here the up blocks
+#   also carry the astronaut: MR 1.00 with the 4 down/mid ones off, 0.00 with all 10), threshold 0.5
+#   (NeMo: 0.428 on SD v1.4; the floor with all 10 off is 0.27-0.50 here), and a pairwise threshold of
+#   0.3 below all but one memorized caption's seed consistency.
+# - Wanda: the value projections, 50% of each row (measured on the previous, epsilon tiny model; the FFN
+#   output layers did not hold its memorized images: 30% of each row left MR 0.91).
 METHOD_DEFAULTS = {
-    "nemo": {"threshold": 0.3, "pairwise_threshold": 0.15},
+    "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3},
     "wanda": {"layer_group": "value", "sparsity": 0.5},
 }
 
