@@ -62,9 +62,10 @@ def demo(
     device: str = typer.Option("cpu"),
     stages: str = typer.Option("generate,detect,nemo,wanda,bypass",
                                help="comma-separated stages: generate, detect, nemo, wanda, bypass"),
-    targets: int = typer.Option(3, help="memorized captions mitigated and attacked, the first N (0 = all)"),
-    fidelity_per_kind: int = typer.Option(4, help="non-memorized captions of each kind generated under the "
-                                                  "mitigations to measure their side effect (0 = all)"),
+    targets: int = typer.Option(None, help="memorized captions mitigated and attacked, the first N (0 = all; "
+                                "default: the demo's 3)"),
+    fidelity_per_kind: int = typer.Option(None, help="non-memorized captions of each kind generated under the "
+                                          "mitigations to measure their side effect (0 = all; default: the demo's 4)"),
     budgets: str = typer.Option("0,10,50", help="DoRI budgets (steps) of the bypass stage's cost curve"),
     pairs: int = typer.Option(4, help="DoRI's (noise, timestep) pairs per step in the bypass stage (paper: 8)"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
@@ -76,13 +77,13 @@ def demo(
     them (NeMo, Wanda) and attack the mitigations with DoRI; write results.json and report.html."""
     from dori.analyses.demo import run_demo
 
+    sizes = {k: v or None for k, v in (("max_targets", targets), ("fidelity_per_kind", fidelity_per_kind))
+             if v is not None}  # unset: run_demo's DEMO_TARGETS / DEMO_FIDELITY_PER_KIND; 0: all
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
                    images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
                    budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
-                   method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity,
-                   max_targets=targets if targets else None,
-                   fidelity_per_kind=fidelity_per_kind if fidelity_per_kind else None)
+                   method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity, **sizes)
     _print_results(res, out)
 
 
@@ -256,7 +257,7 @@ def train_tiny_cmd(
                                         "default: the shipped recipe's"),
     seed: int = typer.Option(0),
 ):
-    """Train the embedded tiny model from scratch with the shipped recipe (29 min on 2 cores)."""
+    """Train the embedded tiny model from scratch with the shipped recipe (31 min on 2 cores)."""
     from dori.zoo.tiny_data import TinyDataSpec
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 

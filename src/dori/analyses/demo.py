@@ -29,7 +29,7 @@ DEMO_BUDGETS = (0, 10, 50)
 # The demo mitigates and attacks the first 3 memorized images and measures the mitigations' effect on 4
 # captions of each non-memorized kind, so that every stage (NeMo included) fits in 5 minutes on 2 CPU
 # cores; `dori attack` and `dori mitigate` use them all.
-DEMO_TARGETS = 3  # the CLI default of `dori demo --targets` too
+DEMO_TARGETS = 3
 DEMO_FIDELITY_PER_KIND = 4
 STAGES = ("generate", "detect", "nemo", "wanda", "bypass")
 DEFAULT_STAGES = STAGES  # 288-304 s on 2 CPU cores with the demo's sizes above (v-prediction tiny model)

@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from dori.mitigations.masks import Mask, per_sample_neuron_masks
 from dori.models.generate import encode_prompts, generate, initial_noise, unet_place
 from dori.models.layers import resolve_layers
+from dori.models.loading import modules_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ class NeMo:
 
     def fit_statistics(self, pipe, prompts: Sequence[str], batch_size: int = 256) -> dict:
         """Mean and std of every neuron's activation over non-memorized ``prompts`` (cached on disk)."""
+        weights = modules_fingerprint(r.module for r in self._layers(pipe))  # live: a mask in place changes it
         key = hashlib.sha1(json.dumps([getattr(pipe, "dori_name", "?"), self.layer_group, list(prompts),
-                                       _weights_digest(pipe, self.layer_group)]).encode()).hexdigest()[:16]
+                                       weights]).encode()).hexdigest()[:16]
         path = self.stats_cache / "nemo_stats" / f"{key}.safetensors"
         self.stats_key = key
         if path.is_file():
@@ -312,14 +314,6 @@ def _without(sel: dict[str, list[int]], cand: tuple[str, int | None]) -> dict[st
 def _stack_masks(masks: list[dict[str, torch.Tensor]], repeat: int) -> dict[str, torch.Tensor]:
     """Candidate masks -> per-sample masks in generate()'s prompt-major order (candidate, seed)."""
     return {n: torch.stack([m[n] for m in masks]).repeat_interleave(repeat, dim=0) for n in masks[0]}
-
-
-def _weights_digest(pipe, group: str) -> str:
-    h = hashlib.sha1()
-    for ref in resolve_layers(pipe.unet, group):
-        h.update(ref.module.weight.detach().float().cpu().numpy().tobytes()[:4096])
-        h.update(str(tuple(ref.module.weight.shape)).encode())
-    return h.hexdigest()[:12]
 
 
 @torch.no_grad()

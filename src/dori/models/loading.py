@@ -125,10 +125,15 @@ def load_pipeline(
 
 def weights_fingerprint(pipe) -> str:
     """A short hash of the UNet's and text encoder's weights (names, shapes, first values of each)."""
+    return modules_fingerprint([pipe.unet, pipe.text_encoder])
+
+
+def modules_fingerprint(modules) -> str:
+    """A short hash of the modules' weights: every tensor's name, shape and first 1,024 values."""
     import hashlib
 
     h = hashlib.sha1()
-    for m in (pipe.unet, pipe.text_encoder):
+    for m in modules:
         for n, p in m.state_dict().items():
             h.update(f"{n}{tuple(p.shape)}".encode())
             h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())

@@ -224,8 +224,7 @@ def procedural_items(n: int, seed: int, caption_background: bool = False) -> lis
         shape = SHAPES[rng.integers(len(SHAPES))]
         color, background = (names[i] for i in rng.choice(len(names), size=2, replace=False))
         out.append((procedural_caption(color, shape, background if caption_background else None),
-                    {"color": color, "shape": shape,
-                                                                    "background": background}))
+                    {"color": color, "shape": shape, "background": background}))
     return out
 
 

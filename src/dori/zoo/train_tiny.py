@@ -118,7 +118,7 @@ class TrainConfig:
 
 
 def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_scale: float = 1.0,
-                          prediction_type: str = "epsilon"):
+                          prediction_type: str = "v_prediction"):
     """Untrained tiny pipeline components. The tokenizer folder holds CLIP's vocab.json/merges.txt."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -139,7 +139,7 @@ def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_s
     )
 
 
-def scheduler_config(latent_scale: float = 1.0, prediction_type: str = "epsilon") -> dict:
+def scheduler_config(latent_scale: float = 1.0, prediction_type: str = "v_prediction") -> dict:
     """The sampling scheduler's settings for latents of ``latent_scale``. diffusers' dynamic thresholding
     rescales x0 into [-1, 1], so scaled latents clip x0 to [-scale, scale] instead."""
     if prediction_type not in ("epsilon", "v_prediction"):
