@@ -13,8 +13,9 @@ mid blocks (layer group ``nemo-value``; SD v1.4's layers 1-7). The procedure, pe
    max over looked-at seeds of SSIM(vanilla difference, blocked difference): the mitigation works once
    it drops below ``threshold``.
 3. **Initial selection**: neurons whose activation z-score exceeds theta (from 5, lowered by 0.25 per
-   round down to 1) plus the top-k activations per layer (k from 0, +1 per round), until the signal
-   drops below ``threshold``.
+   round down to ``theta_min``, 1 in the reference) plus the top-k activations per layer (k from 0, +1
+   per round), until the signal drops below ``threshold``. When the search ends above the threshold,
+   the refinement keeps the signal below the last one reached (as the reference).
 4. **Refinement**: try re-enabling whole layers (last to first), then single neurons; keep a neuron
    deactivated only if re-enabling it brings the signal back above the threshold.
 

@@ -77,13 +77,18 @@ SCHEDULER_CONFIG = dict(
 # weights (docs/tiny-model.md; re-measure them for a model trained differently):
 # - NeMo: all 10 value projections (SD's 7 down/mid ones hold SD's memorized images; here the up blocks
 #   also carry the astronaut: MR 1.00 with the 4 down/mid ones off, 0.00 with all 10), threshold 0.5
-#   (NeMo: 0.428 on SD v1.4; the floor with all 10 off is 0.27-0.50 here), and a pairwise threshold of
-#   0.3 below all but one memorized caption's seed consistency.
-# - Wanda: the value projections, 50% of each row (measured on the previous, epsilon tiny model; the FFN
-#   output layers did not hold its memorized images: 30% of each row left MR 0.91).
+#   (NeMo: 0.428 on SD v1.4; the floor with all 10 off is 0.27-0.50 here), a pairwise threshold of 0.3
+#   below all but one memorized caption's seed consistency, and the initial search's z-score floor
+#   lowered from 1 to 0 (the reference's `--min_theta`): at 1 the search ends above the threshold for
+#   the cameraman (signal 0.62, MR 1.00 after refinement) though its floor is 0.42; at 0 it reaches 0.46
+#   (MR 0.00). Prompts that reach the threshold earlier are not affected.
+# - Wanda: the reference's layers (the second FFN linear of every block), 20% of each row: 1% leaves
+#   MR 1.00 on this model, 10% 0.28, 20% 0.09; the value projections at 20-50% reach the same MR but
+#   change non-memorized generations twice as much (pixel-ssim to unmitigated 0.35-0.42 under the joint
+#   mask, against 0.66).
 METHOD_DEFAULTS = {
-    "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3},
-    "wanda": {"layer_group": "value", "sparsity": 0.5},
+    "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3, "theta_min": 0.0},
+    "wanda": {"layer_group": "ffn-out", "sparsity": 0.2},
 }
 
 
