@@ -81,7 +81,8 @@ def load_pipeline(
 
     Returns:
         The pipeline, with its safety checker removed (it is not part of the audited model), the UNet
-        and text encoder in eval mode with gradients off, and ``pipe.dori_defaults`` set
+        and text encoder in eval mode with gradients off, the UNet's weights in channels-last memory
+        format (faster convolutions; ``save_pretrained`` writes them as usual), ``pipe.dori_defaults`` set
         (:class:`GenerationDefaults`).
 
     Example:
@@ -114,6 +115,9 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.eval().requires_grad_(False)
+    # channels-last convolutions (diffusers' advice for SD): tiny UNet forward 0.32 -> 0.25 s at batch 32
+    # on 2 CPU cores, forward+backward 0.64 -> 0.59 s; outputs differ by ~3e-6, weights keep their values
+    pipe.unet.to(memory_format=torch.channels_last)
     pipe.dori_defaults = _read_defaults(target) if isinstance(target, Path) else GenerationDefaults()
     # per-model settings of the methods (e.g. the tiny model's calibrated NeMo threshold), if shipped
     f = target / "dori_defaults.json" if isinstance(target, Path) else None
