@@ -32,7 +32,7 @@ DEMO_BUDGETS = (0, 10, 50)
 DEMO_TARGETS = 3
 DEMO_FIDELITY_PER_KIND = 4
 STAGES = ("generate", "detect", "nemo", "wanda", "bypass")
-DEFAULT_STAGES = STAGES  # 288-304 s on 2 CPU cores with the demo's sizes above (v-prediction tiny model)
+DEFAULT_STAGES = STAGES  # 246 s on 2 CPU cores with the demo's sizes above (v-prediction tiny model)
 
 
 DETECTORS = ("noise-magnitude", "seed-consistency")
