@@ -1,0 +1,66 @@
+"""Wanda's layer group and sparsity on the tiny model: MR of the memorized captions against the side effect.
+
+    python benchmarks/wanda_sweep.py [GROUP:SPARSITY ...] [--per-kind 3]
+
+Default settings: ffn-out at 1, 10, 20, 30% per row and value at 10, 20, 30, 50%. For each: one Wanda
+mask per memorized caption; MR of each caption under its own mask (seeds 0-3, the model's guidance);
+and pixel-ssim between mitigated and unmitigated generations of the first ``--per-kind`` non-memorized
+captions of each kind (seeds 0-1, same seed), under the joint mask (union over the 8 captions) and under
+the first memorized caption's own mask. The tiny model's shipped setting (`dori_defaults.json`) was
+chosen from this table (docs/tiny-model.md).
+"""
+
+import argparse
+import time
+
+import torch
+
+from dori import load_pipeline, load_prompt_set
+from dori.analyses.mitigate import first_per_kind
+from dori.data.prompts import load_reference
+from dori.metrics.pixel import PixelSSIM
+from dori.mitigations.masks import apply_mask
+from dori.mitigations.wanda import Wanda
+from dori.models.generate import generate
+
+DEFAULT = ("ffn-out:0.01", "ffn-out:0.1", "ffn-out:0.2", "ffn-out:0.3",
+           "value:0.1", "value:0.2", "value:0.3", "value:0.5")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("settings", nargs="*", default=DEFAULT, help="GROUP:SPARSITY, e.g. ffn-out:0.2")
+    ap.add_argument("--per-kind", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    pipe, metric = load_pipeline("tiny"), PixelSSIM()
+    records = load_prompt_set("tiny")
+    mem = [r for r in records if r.memorized]
+    others = [r.caption for r in first_per_kind([r for r in records if not r.memorized], args.per_kind)]
+    seeds, side_seeds = [0, 1, 2, 3], [0, 1]
+    plain = generate(pipe, others, seeds=side_seeds).images
+
+    def similarity(mask) -> float:
+        with apply_mask(pipe, mask):
+            return metric.pairwise(generate(pipe, others, seeds=side_seeds).images, plain).diagonal().mean().item()
+
+    print(f"{'setting':14} {'MR':>5} {'sim joint':>9} {'sim own':>7}  MR per caption")
+    for spec in args.settings:
+        group, sparsity = spec.split(":")
+        t0 = time.time()
+        wanda = Wanda(layer_group=group, sparsity=float(sparsity))
+        masks = [wanda.localize(pipe, r.caption) for r in mem]
+        mrs = []
+        for rec, mask in zip(mem, masks, strict=True):
+            with apply_mask(pipe, mask):
+                scores = metric.score(generate(pipe, [rec.caption], seeds=seeds).images, load_reference(rec))
+            mrs.append(metric.replicated(scores).float().mean().item())
+        joint = masks[0]
+        for m in masks[1:]:
+            joint = joint.union(m)
+        print(f"{spec:14} {sum(mrs) / len(mrs):5.2f} {similarity(joint):9.2f} {similarity(masks[0]):7.2f}  "
+              + " ".join(f"{x:.2f}" for x in mrs) + f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
