@@ -63,3 +63,19 @@ def test_detect_scores_every_caption_without_generating_images(tmp_path):
     plain.write_text("a red circle on a blue background\na cat\n")
     r = _dori("detect", "--out", str(tmp_path / "det2"), "--prompts", str(plain))
     assert r.returncode == 2 and "has no memorized ones" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_sizes_default_to_the_demo_module_and_zero_means_all(monkeypatch, tmp_path):
+    """`dori demo` passes --targets/--fidelity-per-kind only when given (run_demo's DEMO_* apply otherwise)."""
+    import dori.analyses.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or {"aggregates": {}})
+    monkeypatch.setattr("dori.cli._print_analyses", lambda res, out: None)
+    for extra in ([], ["--targets", "0", "--fidelity-per-kind", "0"], ["--targets", "2"]):
+        r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), *extra])
+        assert r.exit_code == 0, r.output
+    unset, zero, two = calls
+    assert "max_targets" not in unset and "fidelity_per_kind" not in unset
+    assert zero["max_targets"] is None and zero["fidelity_per_kind"] is None
+    assert two["max_targets"] == 2 and "fidelity_per_kind" not in two

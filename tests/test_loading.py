@@ -88,3 +88,11 @@ def test_model_id_follows_the_weights(tiny_pipe):
         finally:
             w[first] = old
     assert weights_fingerprint(tiny_pipe) == tiny_pipe.dori_fingerprint and model_id(tiny_pipe) == before
+
+
+def test_unet_convolutions_are_channels_last(tiny_pipe):
+    """load_pipeline puts the UNet in channels-last memory format (faster convolutions), values unchanged."""
+    import torch
+
+    convs = [m.weight for m in tiny_pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -52,7 +52,7 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
 
 
 def test_nemo_with_the_shipped_settings_stops_a_memorized_image(tiny_pipe, nemo_kwargs):
-    """docs/tiny-model.md: NeMo fully stops 5 of 8 memorized images of the tiny model; the cat is one."""
+    """docs/tiny-model.md: NeMo fully stops 6 of 8 memorized images of the tiny model; the cat is one."""
     from dori.data.prompts import load_reference
     from dori.metrics.pixel import PixelSSIM
     from dori.models.generate import generate

@@ -139,7 +139,8 @@ class NeMo:
 
     def fit_statistics(self, pipe, prompts: Sequence[str], batch_size: int = 256) -> dict:
         """Mean and std of every neuron's activation over non-memorized ``prompts`` (cached on disk)."""
-        weights = modules_fingerprint(r.module for r in self._layers(pipe))  # live: a mask in place changes it
+        # the text encoder and the layers, hashed now: retraining or a weight mask in place changes the key
+        weights = modules_fingerprint([pipe.text_encoder, *(r.module for r in self._layers(pipe))])
         key = hashlib.sha1(json.dumps([getattr(pipe, "dori_name", "?"), self.layer_group, list(prompts),
                                        weights]).encode()).hexdigest()[:16]
         path = self.stats_cache / "nemo_stats" / f"{key}.safetensors"
@@ -249,7 +250,7 @@ class NeMo:
                 selection, signal = cands[hit], sigs[hit]
                 self._speculative += len(batch) - hit - 1
                 break
-        if selection is None:  # floor reached: refine against the best signal reached (as the reference)
+        if selection is None:  # floor reached: refine against the last signal reached (as the reference)
             selection, signal = cands[-1], sigs[-1]
             refine_thr = signal
         initial = {n: list(v) for n, v in selection.items()}

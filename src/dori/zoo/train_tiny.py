@@ -83,7 +83,7 @@ SCHEDULER_CONFIG = dict(
 #   the cameraman (signal 0.62, MR 1.00 after refinement) though its floor is 0.42; at 0 it reaches 0.46
 #   (MR 0.00). Prompts that reach the threshold earlier are not affected.
 # - Wanda: the reference's layers (the second FFN linear of every block), 20% of each row: 1% leaves
-#   MR 1.00 on this model, 10% 0.28, 20% 0.09; the value projections at 20-50% reach the same MR but
+#   MR 1.00 on this model, 10% 0.28, 20% 0.09; the value projections at 20-50% reach a similar MR (0.09-0.12) but
 #   change non-memorized generations twice as much (pixel-ssim to unmitigated 0.35-0.42 under the joint
 #   mask, against 0.66).
 METHOD_DEFAULTS = {
@@ -260,7 +260,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
                   torch=torch.__version__, n_pairs=len(data.captions))
     defaults = {"num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
                 "resolution": RESOLUTION, "methods": METHOD_DEFAULTS}
-    (tmp / "dori_defaults.json").write_text(json.dumps(defaults, indent=2))
+    (tmp / "dori_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (tmp / "dori_recipe.json").write_text(json.dumps(recipe, indent=2, default=list))
     if out.exists():
         shutil.rmtree(out)
