@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from dori import load_pipeline, load_prompt_set
-from dori.detectors.wen import detection_metrics
+from dori.detectors.wen import detection_metrics, step_magnitudes
 from dori.models.generate import generate
 
 
@@ -28,8 +28,7 @@ def main():
     recs = load_prompt_set("tiny")
     labels = [r.memorized for r in recs]
     out = generate(pipe, [r.caption for r in recs], seeds=seeds, return_noise_preds=True, batch_size=32)
-    mags = torch.stack([(p[1] - p[0]).flatten(1).norm(dim=1) for p in out.noise_preds])
-    mags = mags.view(len(out.noise_preds), len(recs), len(seeds)).mean(2)  # steps x captions
+    mags = step_magnitudes(out.noise_preds).view(len(out.noise_preds), len(recs), len(seeds)).mean(2)  # steps x caps
 
     def auroc(scores: torch.Tensor) -> float:
         return detection_metrics(scores.tolist(), labels)["auroc"]

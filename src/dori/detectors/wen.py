@@ -46,13 +46,18 @@ class NoiseMagnitude:
         out = generate(pipe, prompts, prompt_embeds=prompt_embeds, seeds=self.seeds, stop_after=self.n_steps,
                        num_inference_steps=self.num_inference_steps, return_noise_preds=True,
                        batch_size=batch_size)
-        # noise_preds[i]: 2 x N x C x h x w (uncond, cond) -> per-sample magnitude, mean over steps
-        mags = torch.stack([(p[1] - p[0]).flatten(1).norm(dim=1) for p in out.noise_preds]).mean(0)
+        mags = step_magnitudes(out.noise_preds).mean(0)
         n_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         return mags.view(n_prompts, len(self.seeds)).mean(1).float().cpu()
 
     def __repr__(self) -> str:
         return f"NoiseMagnitude(n_steps={self.n_steps}, seeds={self.seeds})"
+
+
+def step_magnitudes(noise_preds) -> torch.Tensor:
+    """``steps x N`` text-conditional noise magnitudes ``||eps_cond - eps_uncond||`` from ``generate``'s
+    ``noise_preds`` (one ``2 x N x C x h x w`` tensor, uncond then cond, per step)."""
+    return torch.stack([(p[1] - p[0]).flatten(1).norm(dim=1) for p in noise_preds])
 
 
 def detection_metrics(scores: Sequence[float], labels: Sequence[bool]) -> dict:
