@@ -1,9 +1,18 @@
-"""Batched vs sequential NeMo candidate checks on the tiny model: same neurons, time ratio.
+"""NeMo's candidate checks on the tiny model: the reference procedure against dori's, same neurons.
 
-    python benchmarks/nemo_batched.py [--prompts 2]
+    python benchmarks/nemo_batched.py [--prompts 2] [--batch 16]
 
-Prints, per memorized prompt, the UNet calls and seconds of both, whether the selected neuron sets are
-identical, and the overall speed-up (sequential seconds / batched seconds).
+Three ways to run the same search, per memorized prompt:
+- ``reference``: one full UNet call per candidate check (the reference code's procedure);
+- ``sequential+replay``: one check per call, reusing the accepted state's forward up to the first changed
+  layer (dori's default on the CPU);
+- ``batched+replay``: ``--batch`` checks per UNet call, speculatively, plus the replay (dori's default on
+  CUDA, batch 16).
+
+Prints UNet calls, seconds and the number of neurons of each, whether every selected neuron set is
+identical to the reference's, and the speed-ups (reference seconds / seconds). First it prints, per
+value layer, the share of a full UNet forward spent before that layer is called: the share a check that
+changes only that layer does not recompute (``--prompts 0`` prints only this).
 """
 
 import argparse
@@ -14,6 +23,28 @@ import torch
 from dori import load_pipeline, load_prompt_set
 from dori.data.tiny import tiny_stats_prompts
 from dori.mitigations.nemo import NeMo
+from dori.models.layers import resolve_layers
+
+
+@torch.no_grad()
+def prefix_shares(pipe, group: str, batch: int = 10, repeats: int = 10) -> dict[str, float]:
+    """Per layer of ``group``: mean share of a UNet forward's time spent before the layer is called."""
+    stamps, shares = {}, {}
+    refs = resolve_layers(pipe.unet, group)
+    handles = [r.module.register_forward_pre_hook(lambda m, a, n=r.name: stamps.__setitem__(n, time.perf_counter()))
+               for r in refs]
+    x = torch.randn(batch, pipe.unet.config.in_channels, 32, 32)
+    e = torch.randn(batch, 77, pipe.text_encoder.config.hidden_size)
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        pipe.unet(x, 500, encoder_hidden_states=e)
+        t1 = time.perf_counter()
+        for n, t in stamps.items():
+            if i >= 2:  # 2 warm-up forwards
+                shares[n] = shares.get(n, 0.0) + (t - t0) / (t1 - t0) / repeats
+    for h in handles:
+        h.remove()
+    return shares
 
 
 def main():
@@ -26,22 +57,28 @@ def main():
     kw = dict(pipe.dori_method_defaults.get("nemo", {}))
     stats = tiny_stats_prompts()
     mem = [r.caption for r in load_prompt_set("tiny") if r.memorized][: args.prompts]
-    total = {"seq": 0.0, "bat": 0.0}
+    print(f"share of a UNet forward (batch 10) before each {kw.get('layer_group', 'nemo-value')!r} layer:")
+    for name, share in prefix_shares(pipe, kw.get("layer_group", "nemo-value")).items():
+        print(f"  {share:5.1%}  {name}")
+    ways = {"reference": (1, False), "sequential+replay": (1, True), "batched+replay": (args.batch, True)}
+    total = dict.fromkeys(ways, 0.0)
     for p in mem:
         res = {}
-        for name, b in (("seq", 1), ("bat", args.batch)):
-            nemo = NeMo(**kw, batch_candidates=b)
+        for name, (batch, reuse) in ways.items():
+            nemo = NeMo(**kw, batch_candidates=batch, reuse_prefix=reuse)
             nemo.fit_statistics(pipe, stats)
             t0 = time.perf_counter()
             res[name] = nemo.localize(pipe, p)
             dt = time.perf_counter() - t0
             total[name] += dt
-            print(f"{name} {p[:40]!r}: {res[name].stats.get('unet_calls')} UNet calls, {dt:.1f} s, "
+            print(f"{name:18s} {p[:40]!r}: {res[name].stats.get('unet_calls')} UNet calls, {dt:.1f} s, "
                   f"{len(res[name].mask)} neurons")
-        same = res["seq"].mask.counts() == res["bat"].mask.counts() and all(
-            torch.equal(res["seq"].mask.layers[n], res["bat"].mask.layers[n]) for n in res["seq"].mask.layers)
+        ref = res["reference"].mask
+        same = all(r.mask.counts() == ref.counts() and all(torch.equal(ref.layers[n], r.mask.layers[n])
+                                                           for n in ref.layers) for r in res.values())
         print(f"  identical neuron sets: {same}")
-    print(f"speed-up (sequential / batched): {total['seq'] / total['bat']:.2f}x")
+    for name in ways if mem else ():
+        print(f"speed-up of {name} over the reference: {total['reference'] / total[name]:.2f}x")
 
 
 if __name__ == "__main__":
