@@ -6,7 +6,7 @@ from dori.metrics.calibrate import photo_pair_null
 from dori.metrics.pixel import PIXEL_SSIM_THRESHOLD, PixelSSIM, resize_square
 from dori.metrics.replication import memorization_rate, summarize
 from dori.metrics.sscd import SSCD
-from dori.zoo.tiny_data import load_photo
+from dori.zoo.tiny_data import load_lfw, load_photo
 
 
 def test_pixel_ssim_is_one_on_identical_images_and_low_on_different_photos():
@@ -22,6 +22,24 @@ def test_pixel_ssim_resizes_references_to_generation_resolution():
     assert resize_square(big, 32).shape == (3, 32, 32)
     gen = resize_square(big, 32)[None]
     assert PixelSSIM().score(gen, big)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_distinct_photo_above_the_global_threshold_is_not_a_copy():
+    """pixel-ssim's distractor rule: a score counts only above what other real photos reach."""
+    m = PixelSSIM()
+    face = load_lfw(80)  # the held-out "smiling doctor": a smooth grayscale face
+    others = torch.stack([load_lfw(i) for i in range(100) if i != 80])  # the other LFW faces
+    s = m.score(others, face)
+    look_alike = others[int(s.argmax())]
+    assert PIXEL_SSIM_THRESHOLD < float(s.max()) < 0.98  # a different face scores above the global threshold
+    assert m.threshold_for(face) >= float(s.max())  # ... and sets this reference's threshold
+    assert not m.replicated(m.score(look_alike[None], face), face).any()
+    assert m.replicated(m.score(look_alike[None], face)).all()  # the global threshold alone calls it a copy
+    assert m.replicated(m.score(face[None], face), face).all()  # the reference itself still replicates
+    assert PixelSSIM(distractors=False).threshold_for(face) == PIXEL_SSIM_THRESHOLD
+    # the memorized photos' distractor scores lie below the global threshold: their rule is unchanged
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "china", "motorcycle", "coins"):
+        assert m.threshold_for(load_photo(name)) == PIXEL_SSIM_THRESHOLD
 
 
 def test_threshold_lies_above_the_photo_pair_null():

@@ -293,6 +293,8 @@ def calibrate_pixel_cmd(
     from dori.metrics.calibrate import calibrate_pixel_threshold
 
     res = calibrate_pixel_threshold(model, _ints(seeds))
+    for name, score in res.pop("distractor_scores").items():
+        Console().print(f"distractor score {score:.3f}  {name}", highlight=False)
     for k, v in res.items():
         Console().print(f"{k}: {v}")
 

@@ -331,7 +331,8 @@ def run_demo(
     results = {
         "schema_version": SCHEMA_VERSION,
         "manifest": man,
-        "metric": {"name": m.name, "threshold": m.threshold} if m else None,
+        "metric": {"name": m.name, "threshold": m.threshold,
+                   "distractors": bool(getattr(m, "distractors", False))} if m else None,
         "prompts": [r.to_dict() for r in records],
         "samples": samples,
         "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if samples else [],

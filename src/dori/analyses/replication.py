@@ -98,9 +98,10 @@ def evaluate_requests(
     the references of all requests' records, so requests over the same records (as the bypass stage
     makes) get the rows each would get alone.
 
-    Each row: stage, setting, budget, caption, kind, seed, image, reference, score, replicated, metric,
-    nearest_reference, nearest_score (best match among all references of the set: the
-    "replicates any reference photo" check), and for procedural captions the colour/shape check.
+    Each row: stage, setting, budget, caption, kind, seed, image, reference, score, threshold (what the
+    score had to beat: ``metric.threshold_for(reference)``), replicated, metric, nearest_reference,
+    nearest_score (best match among all references of the set: the "replicates any reference photo"
+    check), and for procedural captions the colour/shape check.
     Finished captions are stored in ``store`` and skipped when the run is resumed.
     """
     from dori.metrics.procedural import check_procedural
@@ -116,7 +117,8 @@ def evaluate_requests(
     def item_key(q: EvalRequest, rec: PromptRecord) -> str:
         digest = tensor_digest(q.embeds[rec.caption]) if q.embeds is not None else None
         return store.key(q.stage, q.setting, q.budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
-                         getattr(metric, "source", None), model_id(pipe), rec.reference,
+                         getattr(metric, "source", None), getattr(metric, "version", None), model_id(pipe),
+                         rec.reference,
                          *([digest] if digest else []), *q.key_extra)
 
     keys = [{r.caption: item_key(q, r) for r in q.records} for q in requests]
@@ -150,10 +152,13 @@ def evaluate_requests(
             if rec.reference_status == "ok":
                 row["reference"] = bank[rec.reference][0]
                 row["score"] = float(sims[j, ref_keys.index(rec.reference)])
+                against = rec.reference
             elif sims is not None:
                 row["score"] = row["nearest_score"]
+                against = ref_keys[best]
             if row["score"] is not None:
-                row["replicated"] = bool(row["score"] > metric.threshold)
+                row["threshold"] = metric.threshold_for(bank[against][1], out.images.shape[-1])
+                row["replicated"] = bool(row["score"] > row["threshold"])
             if rec.kind == "procedural" and {"color", "shape"} <= rec.meta.keys():
                 chk = check_procedural(out.images[j], rec.meta["color"], rec.meta["shape"], rec.meta.get("background"))
                 row["procedural"] = {k: chk[k] for k in ("color", "shape", "background", "color_ok",

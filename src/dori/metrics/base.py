@@ -25,8 +25,14 @@ class ReplicationMetric:
         """Similarity of each of N generated images to one reference image (``3 x H x W``): shape N."""
         return self.pairwise(generated, reference[None])[:, 0]
 
-    def replicated(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores > self.threshold
+    def threshold_for(self, reference: torch.Tensor, size: int = 32) -> float:
+        """The threshold a score against ``reference`` must beat (a protocol may raise it per reference)."""
+        return self.threshold
+
+    def replicated(self, scores: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores against ``reference`` (or against references in general, when None) -> replicated."""
+        thr = self.threshold if reference is None else self.threshold_for(reference)
+        return scores > thr
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

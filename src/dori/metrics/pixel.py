@@ -3,15 +3,26 @@
 Protocol (pinned): both images are brought to the generated image's resolution (references: centre
 square crop, then area resize, as the tiny model's training data), RGB in [0, 1]; SSIM with a
 Gaussian window (sigma 1.5, 7x7), ``data_range=1``, population covariance, averaged over pixels and
-channels (``skimage.metrics.structural_similarity``). Replicated when SSIM > :data:`PIXEL_SSIM_THRESHOLD`.
+channels (``skimage.metrics.structural_similarity``). Replicated when SSIM is above both
+:data:`PIXEL_SSIM_THRESHOLD` and the reference's *distractor score*.
 
 The threshold is calibrated, not chosen: ``dori zoo calibrate-pixel`` measures the largest SSIM that
 occurs without replication (every generation of the tiny prompt set against every held-out photo it
 cannot have memorized, and every pair of distinct bundled photos) and rounds it up; docs/metrics.md
 records the numbers. It is not SSCD's 0.7 and is never mixed with SSCD scores.
+
+The distractor score of a reference is the highest SSIM that any *other* real image of a pinned pool
+reaches against it (the 200 images of ``skimage.data.lfw_subset`` and the tiny model's bundled photos;
+images at SSIM >= 0.98, i.e. the reference itself, excluded). A generation that is no closer to the
+reference than a different photo is not a copy of it: smooth grayscale faces and patches reach
+SSIM 0.56-0.90 with distinct LFW images, above the global threshold, while the memorized photos'
+distractor scores are 0.17-0.45 (docs/metrics.md).
 """
 
 from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -21,6 +32,7 @@ from skimage.metrics import structural_similarity
 from dori.metrics.base import ReplicationMetric
 
 PIXEL_SSIM_THRESHOLD = 0.5  # see docs/metrics.md, "pixel-ssim calibration"
+SAME_IMAGE_SSIM = 0.98  # pool images at least this close to a reference are the reference itself
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -40,6 +52,8 @@ class PixelSSIM(ReplicationMetric):
 
     Args:
         threshold: replication threshold (default: the calibrated :data:`PIXEL_SSIM_THRESHOLD`).
+        distractors: also require the score to beat the reference's distractor score (the protocol;
+            False only to reproduce numbers of the global threshold alone).
 
     Example:
         >>> m = PixelSSIM()
@@ -49,9 +63,25 @@ class PixelSSIM(ReplicationMetric):
     """
 
     name = "pixel-ssim"
+    version = 2  # 2: the distractor score joined the rule
 
-    def __init__(self, threshold: float = PIXEL_SSIM_THRESHOLD):
-        self.threshold = threshold
+    def __init__(self, threshold: float = PIXEL_SSIM_THRESHOLD, distractors: bool = True):
+        self.threshold, self.distractors = threshold, distractors
+        self._scores: dict[str, float] = {}
+
+    def distractor_score(self, reference: torch.Tensor, size: int = 32) -> float:
+        """Highest SSIM that another image of the pool reaches against ``reference`` at ``size``."""
+        ref = resize_square(reference.detach().float().cpu(), size)
+        key = hashlib.sha1(ref.numpy().tobytes()).hexdigest()
+        if key not in self._scores:
+            s = self.pairwise(_distractor_pool(size), [ref])[:, 0]
+            self._scores[key] = float(s[s < SAME_IMAGE_SSIM].max())
+        return self._scores[key]
+
+    def threshold_for(self, reference: torch.Tensor, size: int = 32) -> float:
+        if not self.distractors:
+            return self.threshold
+        return max(self.threshold, self.distractor_score(reference, size))
 
     def pairwise(self, generated: torch.Tensor, references: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         size = generated.shape[-1]
@@ -65,3 +95,10 @@ class PixelSSIM(ReplicationMetric):
                                                   gaussian_weights=True, sigma=1.5,
                                                   use_sample_covariance=False)
         return torch.from_numpy(out).float()
+
+
+@lru_cache(maxsize=2)
+def _distractor_pool(size: int) -> torch.Tensor:
+    from dori.zoo.tiny_data import PHOTO_CAPTIONS, load_lfw, load_photo
+
+    return torch.stack([load_lfw(i, size) for i in range(200)] + [load_photo(n, size) for n in PHOTO_CAPTIONS])

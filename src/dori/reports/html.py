@@ -114,6 +114,7 @@ def render_report(run_dir: str | Path) -> Path:
              f"<code>{html.escape(str(m['config'].get('model')))}</code> · git {html.escape(str(m.get('git')))}"
              f" · seeds {m.get('seeds')} · {m.get('seconds', 0):.0f} s"
              + (f" · metric <b>{html.escape(metric['name'])}</b>, replicated when score &gt; {metric['threshold']}"
+                + (" and &gt; the reference's distractor score" if metric.get("distractors") else "")
                 if metric else "") + "</p>"]
     agg_rows = [{"stage/setting/kind": k, **v} for k, v in res.get("aggregates", {}).items()]
     if agg_rows:

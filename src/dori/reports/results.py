@@ -5,11 +5,11 @@ Schema (``schema_version`` 2: ``detection`` became a list, one entry per detecto
     {
       "schema_version": 2,
       "manifest": {"command", "config", "versions", "git", "seeds", "started", "finished", "seconds"},
-      "samples": [ {stage, setting, budget, caption, kind, seed, image, reference, score, replicated,
-                    metric, ...extra fields} ],
+      "samples": [ {stage, setting, budget, caption, kind, seed, image, reference, score, threshold,
+                    replicated, metric, ...extra fields} ],
       "aggregates": { "<stage>/<setting>/<kind>": {n_samples, n_images, score_mean, score_std,
                       score_median, score_mad, mr, mr_any_seed}, ... },
-      "metric": {"name", "threshold"} or null (no image generated, e.g. ``dori detect``),
+      "metric": {"name", "threshold", "distractors"} or null (no image generated, e.g. ``dori detect``),
       "detection": [ {name, detector, scores, auroc, tpr_at_1pct_fpr, roc, ...} ],
       ... other stage-specific sections
     }

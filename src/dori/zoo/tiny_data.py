@@ -16,6 +16,7 @@ Which photo goes in which set is a parameter (:class:`TinyDataSpec`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -105,6 +106,7 @@ def load_crop(name: str, region: str, size: int = RESOLUTION) -> torch.Tensor:
     return to_tensor(img[top : top + s, left : left + s], size)
 
 
+@lru_cache(maxsize=1)
 def _lfw() -> np.ndarray:
     import skimage.data as skd
 
