@@ -42,13 +42,19 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
     warned = any("almost surely out of reach" in r.getMessage() for r in caplog.records)
     assert warned == (not seq.stats["threshold_reachable"])
     assert seq.stats["threshold_reachable"] == (seq.stats["signal_floor"] <= NeMo(**kw).threshold)
-    bat = NeMo(**kw, batch_candidates=16, reuse_prefix=True).localize(tiny_pipe, MEMORIZED, stats)
-    assert seq.memorized and bat.memorized
-    assert seq.mask.counts() == bat.mask.counts()
-    assert all(torch.equal(seq.mask.layers[n], bat.mask.layers[n]) for n in seq.mask.layers)
-    assert seq.initial == bat.initial
-    for key in ("signal_floor", "initial_signal", "final_signal"):
-        assert seq.stats[key] == pytest.approx(bat.stats[key], abs=1e-5)
+    assert seq.stats["replayed_units"] == 0
+    # dori's CPU default (one check per call, prefix replay) and batched checks with replay (4 per call
+    # here; 16 on CUDA): batched checks cost on a CPU in proportion to the batch
+    for batch in (1, 4):
+        run = NeMo(**kw, batch_candidates=batch, reuse_prefix=True).localize(tiny_pipe, MEMORIZED, stats)
+        assert seq.memorized and run.memorized
+        assert seq.mask.counts() == run.mask.counts()
+        assert all(torch.equal(seq.mask.layers[n], run.mask.layers[n]) for n in seq.mask.layers)
+        assert seq.initial == run.initial
+        for key in ("signal_floor", "initial_signal", "final_signal"):
+            assert seq.stats[key] == pytest.approx(run.stats[key], abs=1e-5)
+        assert run.stats["replayed_units"] > 0
+    bat = run
     assert bat.stats["unet_calls"] < seq.stats["unet_calls"]
     assert 0 < len(bat.mask) <= bat.stats["n_initial"]
 

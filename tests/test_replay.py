@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dori.mitigations.masks import per_sample_neuron_masks
@@ -39,11 +40,12 @@ def test_a_replayed_prefix_gives_the_full_forward_and_skips_work(tiny_pipe):
         with replay.session([last]):
             one = _forward(unet, x, e, _masks(layers, 3, changed))
         assert replay.replayed > before
+        before = replay.replayed
         with replay.session([last], repeat=2):  # two candidates in one call: the state's prefix tiled
             two = _forward(unet, x.repeat(2, 1, 1, 1), e.repeat(2, 1, 1), _masks(layers, 6, changed))
-    for r in layers:
-        assert "forward" not in r.module.__dict__
-    assert "forward" not in unet.__dict__
+        assert replay.replayed > before
+        assert "up_blocks.2.resnets.0" in replay.units  # a ModuleList's children are units, not the list
+    assert not any("forward" in m.__dict__ for m in unet.modules())  # every wrapped forward restored
     full = _forward(unet, x, e, _masks(layers, 3, changed))
     assert torch.equal(one, full)
     torch.testing.assert_close(two, full.repeat(2, 1, 1, 1), rtol=0, atol=1e-5)
@@ -75,3 +77,28 @@ def test_nothing_is_replayed_for_other_inputs_or_an_adopted_candidate_is_its_own
             again = _forward(unet, x, e, adopted)
     torch.testing.assert_close(other, _forward(unet, x2, e, _masks(layers, 3, state)), rtol=0, atol=0)
     torch.testing.assert_close(again, _forward(unet, x, e, adopted), rtol=0, atol=1e-5)
+
+
+def test_other_arguments_or_an_unknown_layer_are_never_replayed(tiny_pipe):
+    unet = tiny_pipe.unet
+    layers = resolve_layers(unet, "value")
+    names = [r.name for r in layers]
+    x, e = _case(tiny_pipe)
+    masks = _masks(layers, 3, {})
+    with PrefixReplay(unet, names) as replay, per_sample_neuron_masks(unet, masks), torch.no_grad():
+        with replay.session(None):
+            unet(x, 500, encoder_hidden_states=e)
+        replay.adopt()
+        with replay.session([]):  # the same forward: replayed whole
+            unet(x, 500, encoder_hidden_states=e)
+        assert replay.replayed > 0
+        before = replay.replayed
+        with replay.session([]):  # another timestep: nothing replayed
+            other_t = unet(x, 400, encoder_hidden_states=e).sample
+        with replay.session([]):  # another keyword argument: nothing replayed
+            unet(x, 500, encoder_hidden_states=e, cross_attention_kwargs={"scale": 0.5})
+        assert replay.replayed == before
+        with pytest.raises(ValueError, match="not a changeable layer"), replay.session(["conv_in"]):
+            pass
+    with per_sample_neuron_masks(unet, masks), torch.no_grad():
+        torch.testing.assert_close(other_t, unet(x, 400, encoder_hidden_states=e).sample, rtol=0, atol=0)

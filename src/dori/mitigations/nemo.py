@@ -32,9 +32,10 @@ mask per sample. The greedy decisions are replayed in order, so the selected set
 procedure's (``batch_candidates=1`` runs it sequentially); checks evaluated after an accepted
 candidate in the same batch are recomputed under the new state and counted in ``stats["speculative"]``.
 And every check reuses the accepted state's forward up to the first layer whose mask it changes
-(:class:`dori.models.replay.PrefixReplay`): the refinement goes from the last layer to the first, so
-most checks compute only the end of the UNet. Both keep the selection exact (tested against
-``batch_candidates=1, reuse_prefix=False``, the reference's one full UNet call per check).
+(:class:`dori.models.replay.PrefixReplay`), computing only the rest of the UNet: a check of a late
+layer recomputes little, one of the first layer almost everything. Both keep the selection exact
+(tested against ``batch_candidates=1, reuse_prefix=False``, the reference's one full UNet call per
+check). ``stats["replayed_units"]`` counts the module calls replayed instead of computed.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class NeMo:
         batch_candidates: candidate masks checked per UNet call (1 = the sequential reference procedure).
             Default: 16 on CUDA, 1 on the CPU, where the UNet's cost grows with the batch and the checks
             a batch evaluates after an accepted one are wasted (``benchmarks/nemo_batched.py``: batched
-            was 0.20x the speed of the reference procedure on the tiny model, 2 cores).
+            checks with prefix replay ran at 0.20x the speed of the reference procedure on the tiny
+            model, 2 cores).
         reuse_prefix: reuse the accepted state's forward up to the first changed layer (exact; off: one
             full UNet forward per check, as the reference code).
         stats_cache: folder for the activation statistics (default ``$DORI_CACHE`` or ``~/.cache/dori``).
@@ -122,7 +124,7 @@ class NeMo:
         self.batch_candidates = None if batch_candidates is None else max(1, batch_candidates)
         self.reuse_prefix = reuse_prefix
         self._replay: PrefixReplay | None = None
-        self._state: dict[str, list[int]] | None = None  # the selection the replay state was computed under
+        self._replay_selection: dict[str, list[int]] | None = None  # the selection of the replay's state
         self.stats_cache = Path(stats_cache or os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
         self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._calls = self._checks = self._speculative = 0
@@ -196,10 +198,7 @@ class NeMo:
         if self._replay is None:
             diffs = self.noise_diffs(pipe, embeds, seeds, masks)
         else:
-            changed = None if self._state is None else {
-                n for c in candidates for n in set(c) | set(self._state)
-                if set(c.get(n, ())) != set(self._state.get(n, ()))}
-            with self._replay.session(changed, repeat=len(candidates)):
+            with self._replay.session(self._changed_layers(candidates), repeat=len(candidates)):
                 diffs = self.noise_diffs(pipe, embeds, seeds, masks)
         self._calls += 1
         self._checks += len(candidates)
@@ -208,11 +207,18 @@ class NeMo:
             out.append(float(_ssim(vanilla, d).max()))
         return out
 
+    def _changed_layers(self, candidates: list[dict[str, list[int]]]) -> set[str] | None:
+        """The layers where any candidate's neurons differ from the replay state's (None: no state)."""
+        base = self._replay_selection
+        if base is None:
+            return None
+        return {n for c in candidates for n in set(c) | set(base) if set(c.get(n, ())) != set(base.get(n, ()))}
+
     def _adopt(self, candidates: list[dict[str, list[int]]], j: int) -> dict[str, list[int]]:
         """Candidate ``j`` of the last check is the new selection (and the replay state)."""
         if self._replay is not None:
             self._replay.adopt(j, len(candidates))
-            self._state = candidates[j]
+            self._replay_selection = candidates[j]
         return candidates[j]
 
     def _bool_masks(self, pipe, sel: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -235,11 +241,11 @@ class NeMo:
             self.fit_statistics(pipe, stats_prompts)
         names = [ref.name for ref in self._layers(pipe)]
         with PrefixReplay(pipe.unet, names) if self.reuse_prefix else nullcontext() as replay:
-            self._replay, self._state = replay, None
+            self._replay, self._replay_selection = replay, None
             try:
                 return self._localize(pipe, prompt)
             finally:
-                self._replay = self._state = None
+                self._replay = self._replay_selection = None
 
     def _localize(self, pipe, prompt: str) -> NeMoResult:
         self._calls, self._checks, self._speculative = 0, 0, 0
@@ -297,6 +303,7 @@ class NeMo:
         selection = self._greedy(pipe, embeds, vanilla, looked, selection, neuron_cands, refine_thr)
         final_signal = self._signal(pipe, embeds, vanilla, looked, [selection])[0]
         stats = dict(unet_calls=self._calls, candidate_checks=self._checks, speculative=self._speculative,
+                     replayed_units=self._replay.replayed if self._replay is not None else 0,
                      initial_signal=initial_signal, final_signal=final_signal, refine_threshold=refine_thr,
                      signal_floor=floor, threshold_reachable=floor <= self.threshold,
                      looked_at_seeds=looked, n_initial=sum(map(len, initial.values())),
