@@ -84,7 +84,15 @@ def test_demo_resumes_without_redoing_finished_captions(demo_run, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in items[2:]}
     res2 = run_demo(out=out, seeds=(0,), stages=STAGES, **ATTACK)
     assert {p.name: p.stat().st_mtime_ns for p in items[2:]} == before  # untouched
-    assert res2["samples"] == res["samples"]  # redone items are bit-identical
+    # the same rows; a redone caption is generated in a smaller UNet batch than the first time, which on
+    # the CPU changes the order of float sums: its scores may move in the 7th digit, nothing else may
+    assert len(res2["samples"]) == len(res["samples"])
+    for a, b in zip(res2["samples"], res["samples"], strict=True):
+        floats = ("score", "nearest_score")
+        assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+        for k in floats:
+            assert (a.get(k) is None) == (b.get(k) is None)
+            assert a.get(k) is None or a[k] == pytest.approx(b[k], abs=1e-5)
 
 
 def test_bypass_killed_midway_resumes_to_the_same_results(demo_run, monkeypatch):
