@@ -33,7 +33,8 @@ def photo_pair_null(spec: TinyDataSpec | None = None) -> torch.Tensor:
     return sims[~torch.eye(len(x), dtype=torch.bool)]
 
 
-def model_heldout_null(pipe, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def model_heldout_null(pipe, seeds: Sequence[int],
+                       metric: PixelSSIM | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every generation of the tiny prompt set against every held-out photo (``N x H``), and the
     held-out photos' distractor scores (``H``)."""
     from dori.models.generate import generate
@@ -41,7 +42,7 @@ def model_heldout_null(pipe, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.
     records = tiny_prompt_set()
     held = torch.stack([load_reference(r) for r in records if r.kind == "held_out"])
     out = generate(pipe, [r.caption for r in records], seeds=seeds)
-    metric = PixelSSIM()
+    metric = metric or PixelSSIM()
     return metric.pairwise(out.images, held), torch.tensor([metric.distractor_score(h) for h in held])
 
 
@@ -50,7 +51,7 @@ def calibrate_pixel_threshold(model: str = "tiny", seeds: Sequence[int] = (100, 
 
     metric = PixelSSIM()
     pairs = photo_pair_null()
-    gens, held_distractors = model_heldout_null(load_pipeline(model), seeds)
+    gens, held_distractors = model_heldout_null(load_pipeline(model), seeds, metric)  # one distractor cache
     left = gens[gens > held_distractors[None]]  # the scores the distractor rule does not already reject
     worst = float(max(pairs.max(), left.max() if left.numel() else 0.0))
     refs = [r for r in tiny_prompt_set() if r.reference_status == "ok"]
