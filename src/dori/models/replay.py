@@ -90,7 +90,7 @@ class PrefixReplay:
                 self.units.add(unit)
         self.state: Recording | None = None
         self.last: Recording | None = None
-        self.replayed = self.computed = 0  # unit calls, over the whole context
+        self.replayed = 0  # unit calls replayed, over the whole context
         self._saved: dict[str, object] | None = None
         self._cut: int | None = 0  # replay unit calls that end at or before this index (None: all)
         self._repeat = self._counter = 0
@@ -171,7 +171,6 @@ class PrefixReplay:
                         rec.entry.setdefault(layer, e)
                 return _tile(old.out, self._repeat)
             out = orig(*args, **kwargs)
-            self.computed += 1
             keep = out if _batched(out, rec.batch) else None
             rec.calls[idx] = _Call(name, keep, self._counter, True, _versions(keep))
             return out
