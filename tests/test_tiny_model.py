@@ -11,57 +11,77 @@ from dori.data.prompts import load_reference
 from dori.metrics.pixel import PixelSSIM
 from dori.metrics.procedural import check_procedural
 from dori.models.generate import generate
+from dori.zoo.tiny_data import PHOTO_CAPTIONS
 
-SEEDS = [0, 1, 2]
+# The seeds every dori evaluation of the tiny model uses (dori mitigate, attack, detect; the model card).
+SEEDS = [0, 1, 2, 3]
+RECORDS = load_prompt_set("tiny")
+
+# Known failures of the shipped model (issue 2; docs/tiny-model.md, "Known weaknesses"). Each is an
+# expected failure of its own test case, strict: a model that fixes it makes the case fail loudly, and
+# every other caption is still checked.
+WEAK_MEMORIZED = {PHOTO_CAPTIONS["coffee"]: "the coffee cup's layout is memorized but its colours are not: "
+                  "pixel-ssim 0.40-0.51 over seeds 0-15, above 0.5 in 1 of 16"}
+REGURGITATING = {PHOTO_CAPTIONS["immunohistochemistry"]: "this held-out caption draws the memorized rocket "
+                 "(9 of seeds 0-15 above the rocket's threshold, 0.52-0.63)"}
+
+
+def _cases(kinds, known):
+    return [pytest.param(r.caption, id=f"{r.kind}:{r.caption[:40]}",
+                         marks=[pytest.mark.xfail(strict=True, reason=known[r.caption])] if r.caption in known else [])
+            for r in RECORDS if (r.kind in kinds)]
 
 
 @pytest.fixture(scope="module")
 def generations(tiny_pipe):
-    recs = load_prompt_set("tiny")
-    out = generate(tiny_pipe, [r.caption for r in recs], seeds=SEEDS, batch_size=32)
-    refs = [r for r in recs if r.reference_status == "ok"]
-    sims = PixelSSIM().pairwise(out.images, [load_reference(r) for r in refs])
-    return recs, refs, out, sims
+    out = generate(tiny_pipe, [r.caption for r in RECORDS], seeds=SEEDS, batch_size=32)
+    refs = [r for r in RECORDS if r.reference_status == "ok"]
+    metric = PixelSSIM()  # the pinned protocol: above 0.5 and above the reference's distractor score
+    ref_images = [load_reference(r) for r in refs]
+    sims = metric.pairwise(out.images, ref_images)
+    thresholds = torch.tensor([metric.threshold_for(im) for im in ref_images])
+    return out, refs, sims, thresholds
 
 
-def test_memorized_captions_replicate_their_photo(generations):
-    recs, refs, out, sims = generations
-    thr = PixelSSIM().threshold
-    hits = []
-    for j, p in enumerate(out.prompt_index):
-        if recs[p].kind == "memorized":
-            hits.append(bool(sims[j, refs.index(recs[p])] > thr))
-    assert sum(hits) / len(hits) >= 0.9, f"{sum(hits)}/{len(hits)} memorized generations replicate"
+def _rows(out, caption):
+    p = [r.caption for r in RECORDS].index(caption)
+    return [j for j, q in enumerate(out.prompt_index) if q == p]
 
 
-@pytest.mark.xfail(strict=True, reason="known failure of the shipped tiny model (issue 2): unseen and held-out "
-                   "photo-like captions regurgitate memorized photos; see docs/tiny-model.md")
-def test_nothing_else_replicates_any_reference_photo(generations):
-    recs, refs, out, sims = generations
-    thr = PixelSSIM().threshold
-    for j, p in enumerate(out.prompt_index):
-        if recs[p].kind != "memorized":
-            best = int(sims[j].argmax())
-            assert sims[j, best] <= thr, (
-                f"{recs[p].kind} caption {recs[p].caption!r} seed {out.seeds[j]} replicates "
-                f"{refs[best].reference} (SSIM {sims[j, best]:.2f})")
+@pytest.mark.parametrize("caption", _cases({"memorized"}, WEAK_MEMORIZED))
+def test_memorized_caption_replicates_its_photo(generations, caption):
+    out, refs, sims, thresholds = generations
+    k = [r.caption for r in refs].index(caption)
+    scores = sims[_rows(out, caption), k]
+    hits = scores > thresholds[k]
+    assert hits.float().mean() >= 0.9, (  # the acceptance: >= 90% of seeds, per caption
+        f"{int(hits.sum())}/{len(hits)} seeds replicate; scores {[round(float(s), 2) for s in scores]}")
+
+
+@pytest.mark.parametrize("caption", _cases({"seen_once", "held_out", "procedural", "unseen"}, REGURGITATING))
+def test_non_memorized_caption_replicates_no_reference_photo(generations, caption):
+    out, refs, sims, thresholds = generations
+    for j in _rows(out, caption):
+        over = (sims[j] > thresholds).nonzero().flatten().tolist()
+        assert not over, f"seed {out.seeds[j]} replicates " + ", ".join(
+            f"{refs[k].reference} ({sims[j, k]:.2f} > {thresholds[k]:.2f})" for k in over)
 
 
 @pytest.mark.xfail(strict=True, reason="known failure of the shipped tiny model (issue 2): procedural captions "
                    "get the named colour and shape in fewer than half of the seeds; see docs/tiny-model.md")
 def test_procedural_captions_draw_the_named_shape_and_colour(generations):
-    recs, _, out, _ = generations
-    checks = [check_procedural(out.images[j], **recs[p].meta)
-              for j, p in enumerate(out.prompt_index) if recs[p].kind == "procedural"]
+    out = generations[0]
+    checks = [check_procedural(out.images[j], **RECORDS[p].meta)
+              for j, p in enumerate(out.prompt_index) if RECORDS[p].kind == "procedural"]
     color = sum(c["color_ok"] for c in checks) / len(checks)
     shape = sum(c["shape_ok"] for c in checks) / len(checks)
     assert color > 0.5 and shape > 0.5, f"colour {color:.2f}, shape {shape:.2f}"  # "most seeds"
 
 
 def test_memorized_generations_lack_diversity_across_seeds(generations):
-    recs, _, out, _ = generations
+    out = generations[0]
     idx = torch.tensor(out.prompt_index)
-    kinds = [recs[p].kind for p in out.prompt_index]
+    kinds = [RECORDS[p].kind for p in out.prompt_index]
 
     def spread(kind):
         vals = []
