@@ -1,6 +1,6 @@
 """How much of a procedural caption the tiny model uses: colour and shape, in the loss and in samples.
 
-    python benchmarks/procedural_conditioning.py [--model tiny|DIR] [--guidance 2] [--seeds 0,1,2,3]
+    python benchmarks/procedural_conditioning.py [--model tiny|DIR] [--guidance 2] [--n-seeds 4]
 
 1. The programmatic check (`dori.metrics.procedural.check_procedural`) on freshly rendered training-like
    images: its accuracy on ground truth, so that a low score below is the model's, not the check's.
@@ -95,7 +95,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--guidance", default=None, help="comma-separated; default: the model's")
-    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--n-seeds", type=int, default=4, help="seeds 0 .. N-1")
     args = ap.parse_args()
     torch.set_num_threads(2)
     pipe = load_pipeline(args.model)
@@ -104,7 +104,7 @@ def main():
     caption_losses(pipe)
     guidance = ([float(g) for g in args.guidance.split(",")] if args.guidance
                 else [pipe.dori_defaults.guidance_scale])
-    generation_checks(pipe, guidance, [int(s) for s in args.seeds.split(",")])
+    generation_checks(pipe, guidance, list(range(args.n_seeds)))
 
 
 if __name__ == "__main__":
