@@ -1,6 +1,6 @@
-"""Acceptance of the shipped tiny model: it memorizes exactly its memorized photos.
+"""Acceptance of the shipped tiny model (issue 2): it memorizes exactly its memorized photos.
 
-Numbers measured on the shipped weights over more seeds are in docs/tiny-model.md (`dori demo`).
+The same checks over more seeds: `python benchmarks/tiny_acceptance.py` (numbers in docs/tiny-model.md).
 """
 
 import pytest
@@ -29,7 +29,7 @@ REGURGITATING = {PHOTO_CAPTIONS["immunohistochemistry"]: "this held-out caption 
 def _cases(kinds, known):
     return [pytest.param(r.caption, id=f"{r.kind}:{r.caption[:40]}",
                          marks=[pytest.mark.xfail(strict=True, reason=known[r.caption])] if r.caption in known else [])
-            for r in RECORDS if (r.kind in kinds)]
+            for r in RECORDS if r.kind in kinds]
 
 
 @pytest.fixture(scope="module")
