@@ -256,12 +256,14 @@ def train_tiny_cmd(
     prediction_type: str = typer.Option(None, help="epsilon (SD 1.x) or v_prediction (SD 2.x-768); "
                                         "default: the shipped recipe's"),
     seed: int = typer.Option(0),
+    fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
+                                         "reproduce the shipped weights"),
 ):
     """Train the embedded tiny model from scratch with the shipped recipe (31 min on 2 cores)."""
     from dori.zoo.tiny_data import TinyDataSpec
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 
-    cfg = TrainConfig(out=str(out), seed=seed, latent_scale=latent_scale)
+    cfg = TrainConfig(out=str(out), seed=seed, latent_scale=latent_scale, fused_optimizer=fused_optimizer)
     if prediction_type is not None:
         cfg.prediction_type = prediction_type
     if steps is not None:
