@@ -22,7 +22,7 @@ from dori import load_pipeline, load_prompt_set
 from dori.data.prompts import load_reference
 from dori.metrics.pixel import PixelSSIM
 from dori.metrics.procedural import check_procedural
-from dori.models.generate import encode_prompts, generate, training_target
+from dori.models.generate import encode_prompts, generate, predict_noise, training_target
 from dori.zoo.tiny_data import COLORS, SHAPES, procedural_caption, procedural_items, render_procedural
 
 
@@ -42,7 +42,8 @@ def check_accuracy(n: int = 600) -> tuple[float, float]:
 @torch.no_grad()
 def caption_losses(pipe, n: int = 96, timesteps=(100, 300, 500, 700, 900)) -> None:
     items, images = fresh_items(n, 77)
-    x0 = images * 2 - 1  # the tiny model's VAE slot is the identity: latents are pixels in [-1, 1]
+    # the tiny model's VAE slot is the identity: latents are pixels in [-1, 1] times its scaling factor
+    x0 = (images * 2 - 1) * pipe.vae.config.scaling_factor
     colors = list(COLORS)
     variants = {
         "true": [c for c, _ in items],
@@ -63,7 +64,7 @@ def caption_losses(pipe, n: int = 96, timesteps=(100, 300, 500, 700, 900)) -> No
         a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = training_target(sched, x0, noise, t)
-        loss = {k: float(((pipe.unet(xt, t, e).sample - target) ** 2).mean()) for k, e in embeds.items()}
+        loss = {k: float(((predict_noise(pipe, xt, t, e) - target) ** 2).mean()) for k, e in embeds.items()}
         gain = loss["empty"] - loss["true"]
         share = {k: (loss[k] - loss["true"]) / gain if gain > 0 else float("nan")
                  for k in ("wrong colour", "wrong shape")}

@@ -34,8 +34,8 @@ def main():
     refs = [r for r in recs if r.reference_status == "ok"]
     metric = PixelSSIM()
     ref_images = [load_reference(r) for r in refs]
-    thresholds = torch.tensor([metric.threshold_for(im) for im in ref_images])
-    out = generate(pipe, [r.caption for r in recs], seeds=seeds, batch_size=64)
+    out = generate(pipe, [r.caption for r in recs], seeds=seeds, batch_size=32)
+    thresholds = metric.thresholds_for(ref_images, out.images.shape[-1])
     sims = metric.pairwise(out.images, ref_images)
     rows = {p: [j for j, q in enumerate(out.prompt_index) if q == p] for p in range(len(recs))}
 

@@ -112,3 +112,33 @@ def test_unknown_prediction_type_is_refused():
     sched.register_to_config(prediction_type="flow")
     with pytest.raises(DoriError, match="prediction_type"):
         to_epsilon(sched, torch.zeros(1), torch.zeros(1), 5)
+
+
+def test_a_prompt_without_reference_replicates_any_reference_over_its_own_threshold(tiny_pipe, tmp_path):
+    """An unseen caption is checked against every reference with that reference's own threshold: it
+    replicates a reference it beats even when a nearer reference has a threshold it does not beat."""
+    from dori import load_prompt_set
+    from dori.analyses.replication import EvalRequest, evaluate_requests
+    from dori.data.prompts import load_reference
+    from dori.metrics.pixel import PixelSSIM
+
+    recs = load_prompt_set("tiny")
+    recs = [r for r in recs if r.kind == "memorized"][:3] + [r for r in recs if r.kind == "unseen"][:1]
+    gen = dict(num_inference_steps=3)
+    plain = evaluate_requests(tiny_pipe, [EvalRequest(recs)], [0], PixelSSIM(), tmp_path / "a", gen_kwargs=gen)[0]
+    unseen = plain[-1]
+    assert unseen["reference"] is None and not unseen["replicated"]  # 3 denoising steps copy nothing
+    assert unseen["score_reference"] == unseen["nearest_reference"]
+    near = next(load_reference(rec) for rec, row in zip(recs, plain, strict=True)
+                if row["reference"] == unseen["nearest_reference"])
+
+    class NearestUnreachable(PixelSSIM):
+        def threshold_for(self, reference, size=32):
+            return 2.0 if torch.equal(reference, near) else 0.0
+
+    row = evaluate_requests(tiny_pipe, [EvalRequest(recs)], [0], NearestUnreachable(), tmp_path / "b",
+                            gen_kwargs=gen)[0][-1]
+    assert row["nearest_reference"] == unseen["nearest_reference"]
+    assert row["replicated"] and row["threshold"] == 0.0
+    assert row["score_reference"] not in (None, unseen["nearest_reference"])
+    assert row["score"] < row["nearest_score"]  # a farther reference, the only kind it beats

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dori import load_pipeline
 from dori.models.generate import generate
@@ -11,13 +12,20 @@ from dori.zoo.train_tiny import TrainConfig, train_tiny
 
 
 @pytest.mark.parametrize("scale, fused", [(1.0, False), (2.0, False), (1.0, True)])
-def test_short_recipe_trains_and_loads(tmp_path, scale, fused):
+def test_short_recipe_trains_and_loads(tmp_path, monkeypatch, scale, fused):
+    adamw, made = torch.optim.AdamW, []
+
+    def spy(*args, **kwargs):  # the optimizer the recipe builds, and how
+        made.append(kwargs)
+        return adamw(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
     spec = TinyDataSpec(n_procedural=40, duplicates=3, lfw_seen_once=(0, 1, 100), lfw_held_out=(80,))
     out = train_tiny(TrainConfig(out=str(tmp_path / "m"), steps=6, batch_size=4, warmup=2, data=spec,
                                  latent_scale=scale, fused_optimizer=fused))
     recipe = json.loads((out / "dori_recipe.json").read_text())
     assert recipe["steps"] == 6 and recipe["data"]["duplicates"] == 3
-    assert recipe["fused_optimizer"] == fused
+    assert recipe["fused_optimizer"] == fused and [k.get("fused") for k in made] == [True if fused else None]
     assert not (tmp_path / "m.partial").exists()
     pipe = load_pipeline(out)
     img = generate(pipe, ["a red circle on a blue background"], seeds=[0], num_inference_steps=2).images

@@ -13,7 +13,8 @@ from dori.metrics.procedural import check_procedural
 from dori.models.generate import generate
 from dori.zoo.tiny_data import PHOTO_CAPTIONS
 
-# The seeds every dori evaluation of the tiny model uses (dori mitigate, attack, detect; the model card).
+# The seeds of `dori mitigate`, `dori attack` and the model card's tables. With 4 seeds, ">= 90% of seeds"
+# means all 4.
 SEEDS = [0, 1, 2, 3]
 RECORDS = load_prompt_set("tiny")
 
@@ -23,12 +24,16 @@ RECORDS = load_prompt_set("tiny")
 WEAK_MEMORIZED = {PHOTO_CAPTIONS["coffee"]: "the coffee cup's layout is memorized but its colours are not: "
                   "pixel-ssim 0.40-0.51 over seeds 0-15, above 0.5 in 1 of 16"}
 REGURGITATING = {PHOTO_CAPTIONS["immunohistochemistry"]: "this held-out caption draws the memorized rocket "
-                 "(9 of seeds 0-15 above the rocket's threshold, 0.52-0.63)"}
+                 "(9 of seeds 0-15 above the rocket's threshold 0.5, at 0.52-0.63; here only seed 3, at 0.53)"}
+REGURGITATED = {PHOTO_CAPTIONS["immunohistochemistry"]: {PHOTO_CAPTIONS["rocket"]}}  # what each draws
 
 
 def _cases(kinds, known):
+    captions = {r.caption for r in RECORDS if r.kind in kinds}
+    assert set(known) <= captions, f"stale known failures: {sorted(set(known) - captions)}"
+    xfail = {c: pytest.mark.xfail(strict=True, raises=AssertionError, reason=why) for c, why in known.items()}
     return [pytest.param(r.caption, id=f"{r.kind}:{r.caption[:40]}",
-                         marks=[pytest.mark.xfail(strict=True, reason=known[r.caption])] if r.caption in known else [])
+                         marks=[xfail[r.caption]] if r.caption in xfail else [])
             for r in RECORDS if r.kind in kinds]
 
 
@@ -39,7 +44,7 @@ def generations(tiny_pipe):
     metric = PixelSSIM()  # the pinned protocol: above 0.5 and above the reference's distractor score
     ref_images = [load_reference(r) for r in refs]
     sims = metric.pairwise(out.images, ref_images)
-    thresholds = torch.tensor([metric.threshold_for(im) for im in ref_images])
+    thresholds = metric.thresholds_for(ref_images, out.images.shape[-1])
     return out, refs, sims, thresholds
 
 
@@ -67,7 +72,17 @@ def test_non_memorized_caption_replicates_no_reference_photo(generations, captio
             f"{refs[k].reference} ({sims[j, k]:.2f} > {thresholds[k]:.2f})" for k in over)
 
 
-@pytest.mark.xfail(strict=True, reason="known failure of the shipped tiny model (issue 2): procedural captions "
+def test_known_regurgitations_draw_only_the_known_photos(generations):
+    """The known failure above fails for the documented reason and no other."""
+    out, refs, sims, thresholds = generations
+    for caption, photos in REGURGITATED.items():
+        drawn = {refs[k].caption for j in _rows(out, caption)
+                 for k in (sims[j] > thresholds).nonzero().flatten().tolist()}
+        assert drawn <= photos, f"{caption!r} also replicates {sorted(drawn - photos)}"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known failure of the shipped tiny model (issue 2): procedural captions "
                    "get the named colour and shape in fewer than half of the seeds; see docs/tiny-model.md")
 def test_procedural_captions_draw_the_named_shape_and_colour(generations):
     out = generations[0]

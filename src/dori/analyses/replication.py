@@ -98,10 +98,13 @@ def evaluate_requests(
     the references of all requests' records, so requests over the same records (as the bypass stage
     makes) get the rows each would get alone.
 
-    Each row: stage, setting, budget, caption, kind, seed, image, reference, score, threshold (what the
-    score had to beat: ``metric.threshold_for(reference)``), replicated, metric, nearest_reference,
-    nearest_score (best match among all references of the set: the "replicates any reference photo"
-    check), and for procedural captions the colour/shape check.
+    Each row: stage, setting, budget, caption, kind, seed, image, reference, score, score_reference (the
+    reference the score is against), threshold (what the score had to beat:
+    ``metric.threshold_for(score_reference)``), replicated, metric, nearest_reference, nearest_score (best
+    match among all references of the set), and for procedural captions the colour/shape check. A prompt
+    with a reference is scored against it; one without (e.g. an unseen caption) against the reference it
+    beats by the widest margin over that reference's own threshold (the "replicates any reference photo"
+    check), or, beating none, against the nearest.
     Finished captions are stored in ``store`` and skipped when the run is resumed.
     """
     from dori.metrics.procedural import check_procedural
@@ -118,7 +121,7 @@ def evaluate_requests(
         digest = tensor_digest(q.embeds[rec.caption]) if q.embeds is not None else None
         return store.key(q.stage, q.setting, q.budget, rec.caption, rec.kind, list(seeds), gen_kwargs, metric.name,
                          getattr(metric, "source", None), getattr(metric, "version", None), model_id(pipe),
-                         rec.reference,
+                         rec.reference, *([] if rec.reference else ["any-reference-by-margin"]),
                          *([digest] if digest else []), *q.key_extra)
 
     keys = [{r.caption: item_key(q, r) for r in q.records} for q in requests]
@@ -135,6 +138,8 @@ def evaluate_requests(
         out = generate(pipe, prompt_embeds=torch.stack([x.to(e[0]) for x in e]), seeds=seeds,
                        batch_size=batch_size, **gen_kwargs)
         sims = metric.pairwise(out.images, refs) if refs else None
+        size = out.images.shape[-1]
+        thresholds = None  # every reference's threshold, for prompts without a reference of their own
         rows: dict[int, list[dict]] = {}
         for j, (pi, seed) in enumerate(zip(out.prompt_index, out.seeds, strict=True)):
             qi, rec = chunk[pi]
@@ -154,10 +159,16 @@ def evaluate_requests(
                 row["score"] = float(sims[j, ref_keys.index(rec.reference)])
                 against = rec.reference
             elif sims is not None:
-                row["score"] = row["nearest_score"]
-                against = ref_keys[best]
+                # replicates any reference photo: the one it beats by the widest margin over that
+                # reference's own threshold, or (beating none) the nearest one
+                if thresholds is None:
+                    thresholds = metric.thresholds_for(refs, size)
+                margin = sims[j] - thresholds
+                against = ref_keys[int(margin.argmax()) if bool((margin > 0).any()) else best]
+                row["score"] = float(sims[j, ref_keys.index(against)])
             if row["score"] is not None:
-                row["threshold"] = metric.threshold_for(bank[against][1], out.images.shape[-1])
+                row["score_reference"] = bank[against][0]
+                row["threshold"] = metric.threshold_for(bank[against][1], size)
                 row["replicated"] = bool(row["score"] > row["threshold"])
             if rec.kind == "procedural" and {"color", "shape"} <= rec.meta.keys():
                 chk = check_procedural(out.images[j], rec.meta["color"], rec.meta["shape"], rec.meta.get("background"))

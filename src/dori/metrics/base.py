@@ -29,6 +29,10 @@ class ReplicationMetric:
         """The threshold a score against ``reference`` must beat (a protocol may raise it per reference)."""
         return self.threshold
 
+    def thresholds_for(self, references: list[torch.Tensor], size: int = 32) -> torch.Tensor:
+        """Every reference's threshold (shape M), to check scores against all references at once."""
+        return torch.tensor([self.threshold_for(r, size) for r in references])
+
     def replicated(self, scores: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Scores against ``reference`` (or against references in general, when None) -> replicated."""
         thr = self.threshold if reference is None else self.threshold_for(reference)
