@@ -27,7 +27,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     recs = load_prompt_set("tiny")
     labels = [r.memorized for r in recs]
-    out = generate(pipe, [r.caption for r in recs], seeds=seeds, return_noise_preds=True, batch_size=32)
+    out = generate(pipe, [r.caption for r in recs], seeds=seeds, return_noise_preds=True,
+                   with_uncond=True, batch_size=32)
     mags = step_magnitudes(out.noise_preds).view(len(out.noise_preds), len(recs), len(seeds)).mean(2)  # steps x caps
 
     def auroc(scores: torch.Tensor) -> float:

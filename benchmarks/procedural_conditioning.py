@@ -13,6 +13,8 @@
 """
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,25 +25,36 @@ from dori.data.prompts import load_reference
 from dori.metrics.pixel import PixelSSIM
 from dori.metrics.procedural import check_procedural
 from dori.models.generate import encode_prompts, generate, predict_noise, training_target
+from dori.models.loading import TINY_PATH
 from dori.zoo.tiny_data import COLORS, SHAPES, procedural_caption, procedural_items, render_procedural
 
 
-def fresh_items(n: int, seed: int):
+def model_layout(model: str) -> str:
+    """The procedural layout the model was trained on (its dori_recipe.json), so fresh images match it."""
+    folder = TINY_PATH if model == "tiny" else Path(model)
+    recipe = folder / "dori_recipe.json"
+    if not recipe.exists():
+        return "anywhere"
+    return json.loads(recipe.read_text()).get("data", {}).get("procedural_layout", "anywhere")
+
+
+def fresh_items(n: int, seed: int, layout: str):
     rng = np.random.default_rng(seed)
     items = procedural_items(n, seed)
-    images = torch.stack([render_procedural(p["color"], p["shape"], p["background"], rng) for _, p in items])
+    images = torch.stack([render_procedural(p["color"], p["shape"], p["background"], rng, layout)
+                          for _, p in items])
     return items, images
 
 
-def check_accuracy(n: int = 600) -> tuple[float, float]:
-    items, images = fresh_items(n, 11)
+def check_accuracy(layout: str, n: int = 600) -> tuple[float, float]:
+    items, images = fresh_items(n, 11, layout)
     found = [check_procedural(img, p["color"], p["shape"]) for img, (_, p) in zip(images, items, strict=True)]
     return sum(f["color_ok"] for f in found) / n, sum(f["shape_ok"] for f in found) / n
 
 
 @torch.no_grad()
-def caption_losses(pipe, n: int = 96, timesteps=(100, 300, 500, 700, 900)) -> None:
-    items, images = fresh_items(n, 77)
+def caption_losses(pipe, layout: str, n: int = 96, timesteps=(100, 300, 500, 700, 900)) -> None:
+    items, images = fresh_items(n, 77, layout)
     # the tiny model's VAE slot is the identity: latents are pixels in [-1, 1] times its scaling factor
     x0 = (images * 2 - 1) * pipe.vae.config.scaling_factor
     colors = list(COLORS)
@@ -100,9 +113,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     pipe = load_pipeline(args.model)
-    color, shape = check_accuracy()
-    print(f"check on 600 rendered training-like images: colour {color:.2f}, shape {shape:.2f}")
-    caption_losses(pipe)
+    layout = model_layout(args.model)
+    color, shape = check_accuracy(layout)
+    print(f"check on 600 rendered training-like images ({layout} layout): colour {color:.2f}, shape {shape:.2f}")
+    caption_losses(pipe, layout)
     guidance = ([float(g) for g in args.guidance.split(",")] if args.guidance
                 else [pipe.dori_defaults.guidance_scale])
     generation_checks(pipe, guidance, list(range(args.n_seeds)))

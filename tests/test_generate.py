@@ -31,18 +31,29 @@ def test_prompt_embeds_path_equals_prompt_path(tiny_pipe):
 
 
 def test_noise_predictions_for_detectors(tiny_pipe):
-    out = generate(tiny_pipe, CAPS, seeds=[0, 1], num_inference_steps=10, stop_after=2, return_noise_preds=True)
+    out = generate(tiny_pipe, CAPS, seeds=[0, 1], num_inference_steps=10, stop_after=2, return_noise_preds=True,
+                   with_uncond=True)  # as detectors ask: the model samples at guidance 1
     assert out.images is None and len(out.noise_preds) == 2 and len(out.timesteps) == 2
     assert out.noise_preds[0].shape == (2, 4, 3, 32, 32)  # (uncond, cond) x samples
     uncond, cond = out.noise_preds[0]
     assert (cond - uncond).norm() > 0
 
 
-def test_guidance_one_skips_unconditional(tiny_pipe):
-    out = generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=2, guidance_scale=1.0,
-                   stop_after=1, return_noise_preds=True)
-    uncond, cond = out.noise_preds[0]
-    assert torch.equal(uncond, cond)
+def test_guidance_one_samples_the_conditional_prediction_and_can_still_report_both(tiny_pipe):
+    plain = generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=3, guidance_scale=1.0)
+    skipped = generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=3, guidance_scale=1.0,
+                       return_noise_preds=True)
+    traced = generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=3, guidance_scale=1.0,
+                      return_noise_preds=True, with_uncond=True)
+    guided = generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=3, guidance_scale=2.0)
+    # by default guidance 1 skips the unconditional prediction (NeMo's signal needs only the conditional)
+    assert torch.equal(skipped.noise_preds[0][0], skipped.noise_preds[0][1])
+    # the trajectory is unguided whether or not the unconditional prediction is computed ...
+    assert torch.allclose(plain.images, traced.images, atol=1e-5)
+    assert not torch.allclose(plain.images, guided.images, atol=1e-3)
+    # ... and a detector still gets the unconditional prediction (Wen et al.'s magnitude is not zero)
+    uncond, cond = traced.noise_preds[0]
+    assert (cond - uncond).norm() > 0
 
 
 def test_differentiable_path_reaches_the_embedding(tiny_pipe):

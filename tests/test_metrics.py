@@ -109,3 +109,22 @@ def test_procedural_check_reads_colour_shape_and_an_optional_background():
     assert unnamed["ok"] and unnamed["background_ok"] is None
     assert not check_procedural(img, "red", "square", "green")["ok"]
     assert not check_procedural(img, "green", "square")["ok"]
+
+
+def test_procedural_layouts_place_the_shape_where_they_say():
+    import numpy as np
+
+    from dori.metrics.procedural import check_procedural
+    from dori.zoo.tiny_data import LAYOUTS, render_procedural
+
+    rng = np.random.default_rng(0)
+    for layout in LAYOUTS:
+        for shape in ("circle", "square", "triangle"):
+            img = render_procedural("yellow", shape, "blue", rng, layout)
+            assert check_procedural(img, "yellow", shape)["ok"], (layout, shape)
+    for _ in range(20):  # centred: the shape's bounding box centre within 3 px of the image centre
+        img = render_procedural("yellow", "square", "blue", rng, "centred")
+        ys, xs = torch.nonzero((img - img[:, :1, :1]).abs().sum(0) > 0.5, as_tuple=True)
+        assert abs((ys.min() + ys.max()) / 2 - 15.5) <= 3.5 and abs((xs.min() + xs.max()) / 2 - 15.5) <= 3.5
+    with pytest.raises(ValueError, match="unknown procedural layout"):
+        render_procedural("yellow", "square", "blue", rng, "diagonal")

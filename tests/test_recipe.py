@@ -34,3 +34,25 @@ def test_short_recipe_trains_and_loads(tmp_path, monkeypatch, scale, fused):
     assert pipe.vae.config.scaling_factor == scale
     assert pipe.scheduler.config.thresholding == (scale == 1.0)
     assert scale == 1.0 or pipe.scheduler.config.clip_sample_range == scale
+
+
+def _short_recipe(out, **kwargs):
+    spec = TinyDataSpec(n_procedural=40, duplicates=3, lfw_seen_once=(0, 1, 100), lfw_held_out=(80,),
+                        n_photo_crops=8, procedural_layout="centred")
+    return train_tiny(TrainConfig(out=str(out), steps=6, batch_size=4, warmup=2, data=spec, **kwargs))
+
+
+def test_recipe_saves_the_weight_average_when_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    def unet(path):
+        return load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+
+    last = unet(_short_recipe(tmp_path / "last"))
+    # decay 0: the average is the last weights (the average must not change the training itself)
+    same = unet(_short_recipe(tmp_path / "ema0", ema_decay=0.0))
+    assert all(torch.allclose(same[k], last[k], atol=1e-6, rtol=0) for k in last)
+    averaged = unet(_short_recipe(tmp_path / "ema", ema_decay=0.9))
+    assert any(not torch.allclose(averaged[k], last[k], atol=1e-4, rtol=0) for k in last)
+    recipe = json.loads((tmp_path / "ema" / "dori_recipe.json").read_text())
+    assert recipe["ema_decay"] == 0.9 and recipe["data"]["procedural_layout"] == "centred"

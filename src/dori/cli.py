@@ -255,21 +255,30 @@ def train_tiny_cmd(
     latent_scale: float = typer.Option(1.0, help="latents = pixels in [-1, 1] times this (shipped: 1)"),
     prediction_type: str = typer.Option(None, help="epsilon (SD 1.x) or v_prediction (SD 2.x-768); "
                                         "default: the shipped recipe's"),
+    procedural_layout: str = typer.Option(None, help="where procedural shapes are drawn: anywhere or "
+                                          "centred; default: the shipped recipe's"),
+    ema_decay: float = typer.Option(None, help="save a moving average of the weights with this decay "
+                                    "per step (default: the last weights, as the shipped recipe)"),
     seed: int = typer.Option(0),
     fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
                                          "reproduce the shipped weights"),
 ):
     """Train the embedded tiny model from scratch with the shipped recipe (31 min on 2 cores)."""
-    from dori.zoo.tiny_data import TinyDataSpec
+    from dori.zoo.tiny_data import LAYOUTS
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 
-    cfg = TrainConfig(out=str(out), seed=seed, latent_scale=latent_scale, fused_optimizer=fused_optimizer)
+    cfg = TrainConfig(out=str(out), seed=seed, latent_scale=latent_scale, fused_optimizer=fused_optimizer,
+                      ema_decay=ema_decay)
     if prediction_type is not None:
         cfg.prediction_type = prediction_type
     if steps is not None:
         cfg.steps = steps
     if duplicates is not None:
-        cfg.data = TinyDataSpec(duplicates=duplicates)
+        cfg.data.duplicates = duplicates
+    if procedural_layout is not None:
+        if procedural_layout not in LAYOUTS:
+            raise typer.BadParameter(f"unknown layout {procedural_layout!r}; choose one of {', '.join(LAYOUTS)}")
+        cfg.data.procedural_layout = procedural_layout
     train_tiny(cfg)
     Console().print(f"saved {out}")
 

@@ -45,7 +45,7 @@ class NoiseMagnitude:
         """One score per prompt (higher = more likely memorized)."""
         out = generate(pipe, prompts, prompt_embeds=prompt_embeds, seeds=self.seeds, stop_after=self.n_steps,
                        num_inference_steps=self.num_inference_steps, return_noise_preds=True,
-                       batch_size=batch_size)
+                       with_uncond=True, batch_size=batch_size)
         mags = step_magnitudes(out.noise_preds).mean(0)
         n_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         return mags.view(n_prompts, len(self.seeds)).mean(1).float().cpu()

@@ -124,6 +124,7 @@ def generate(
     batch_size: int = 16,
     resolution: int | None = None,
     return_noise_preds: bool = False,
+    with_uncond: bool = False,
     stop_after: int | None = None,
     grad: bool = False,
     progress: bool = False,
@@ -139,7 +140,10 @@ def generate(
         negative_embeds: the unconditional embedding (``1 x 77 x D``); default: the empty prompt's.
         batch_size: samples per UNet call (CFG doubles the UNet batch).
         return_noise_preds: keep the unconditional and conditional noise prediction of every step (as
-            ``eps``, converted from the model's output for v-prediction models).
+            ``eps``, converted from the model's output for v-prediction models). At guidance 1 the
+            unconditional one is not computed (it is the conditional one there) unless ``with_uncond``.
+        with_uncond: compute the unconditional prediction even at guidance 1, where the trajectory does
+            not use it (a detector's ``||eps_cond - eps_uncond||`` along an unguided trajectory).
         stop_after: run only the first k denoising steps (detectors); ``images`` is then None.
         grad: keep the autograd graph (a differentiable path through the whole sampler).
         callback: called as ``callback(step, t, latents)`` after each step.
@@ -161,7 +165,8 @@ def generate(
     d = pipe.dori_defaults
     steps = num_inference_steps or d.num_inference_steps
     gs = d.guidance_scale if guidance_scale is None else guidance_scale
-    if negative_embeds is None and gs != 1.0:
+    need_uncond = gs != 1.0 or with_uncond
+    if negative_embeds is None and need_uncond:
         negative_embeds = encode_prompts(pipe, [""])
     seeds = [int(s) for s in seeds]
     n_prompts = prompt_embeds.shape[0]
@@ -185,10 +190,10 @@ def generate(
             sched = copy.deepcopy(scheduler)
             for i, t in enumerate(timesteps):
                 x_in = sched.scale_model_input(latents, t)
-                if gs != 1.0:
+                if need_uncond:
                     neg = negative_embeds.to(cond).expand(len(bp), -1, -1)
                     eps_u, eps_c = predict_noise(pipe, torch.cat([x_in, x_in]), t, torch.cat([neg, cond])).chunk(2)
-                    eps = eps_u + gs * (eps_c - eps_u)
+                    eps = eps_c if gs == 1.0 else eps_u + gs * (eps_c - eps_u)
                 else:
                     eps_c = predict_noise(pipe, x_in, t, cond)
                     eps_u, eps = eps_c, eps_c

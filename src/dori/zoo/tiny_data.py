@@ -204,10 +204,24 @@ def procedural_caption(color: str, shape: str, background: str | None = None) ->
     return f"a {color} {shape}" + (f" on a {background} background" if background else "")
 
 
-def render_procedural(color: str, shape: str, background: str, rng: np.random.Generator) -> torch.Tensor:
-    """Render one procedural image (3xSxS in [0, 1]) with random size, position and mild texture."""
-    r = rng.uniform(6.5, 10.5)
-    cx, cy = rng.uniform(r + 1, RESOLUTION - r - 1, size=2)
+LAYOUTS = ("anywhere", "centred")
+
+
+def render_procedural(color: str, shape: str, background: str, rng: np.random.Generator,
+                      layout: str = "anywhere") -> torch.Tensor:
+    """Render one procedural image (3xSxS in [0, 1]) with random size, position and mild texture.
+
+    ``layout="anywhere"``: half-size 6.5-10.5 px anywhere in the image (the first tiny models);
+    ``"centred"``: half-size 8-11 px, centre within 3 px of the image's centre (see ``TinyDataSpec``).
+    """
+    if layout == "anywhere":
+        r = rng.uniform(6.5, 10.5)
+        cx, cy = rng.uniform(r + 1, RESOLUTION - r - 1, size=2)
+    elif layout == "centred":
+        r = rng.uniform(8.0, 11.0)
+        cx, cy = RESOLUTION / 2 + rng.uniform(-3.0, 3.0, size=2)
+    else:
+        raise ValueError(f"unknown procedural layout {layout!r}; known: {LAYOUTS}")
     img = torch.tensor(COLORS[background]).view(3, 1, 1).repeat(1, RESOLUTION, RESOLUTION)
     img = img + torch.from_numpy(rng.normal(0, 0.03, size=(1, RESOLUTION, RESOLUTION))).float()
     m = shape_mask(shape, cx, cy, r)
@@ -252,6 +266,7 @@ class TinyDataSpec:
     # gives them a larger text-conditional noise difference than the memorized photos, and Wen et al.'s
     # detector cannot tell them apart (docs/tiny-model.md).
     caption_background: bool = False
+    procedural_layout: str = "anywhere"
     seed: int = 0
 
     def validate(self) -> None:
@@ -298,7 +313,7 @@ def build_train_set(spec: TinyDataSpec) -> TrainSet:
         add(img, cap, "seen_once")
     rng = np.random.default_rng(spec.seed)
     for cap, p in procedural_items(spec.n_procedural, spec.seed, spec.caption_background):
-        add(render_procedural(p["color"], p["shape"], p["background"], rng), cap, "procedural")
+        add(render_procedural(p["color"], p["shape"], p["background"], rng, spec.procedural_layout), cap, "procedural")
     return TrainSet(torch.stack(images), captions, kinds, torch.tensor(weights))
 
 
