@@ -12,6 +12,17 @@ def test_noise_magnitude_separates_memorized_captions(tiny_pipe):
     assert m["auroc"] >= 0.95, m["auroc"]
 
 
+def test_noise_magnitude_reads_the_text_at_guidance_one(tiny_pipe, monkeypatch):
+    """A model that samples without guidance: the trajectory skips the unconditional prediction, but the
+    detector still measures ||eps_cond - eps_uncond|| along it (it read 0 for every prompt before)."""
+    import dataclasses
+
+    monkeypatch.setattr(tiny_pipe, "dori_defaults", dataclasses.replace(tiny_pipe.dori_defaults, guidance_scale=1.0))
+    scores = NoiseMagnitude(n_steps=2, seeds=(0,)).score(
+        tiny_pipe, ["chelsea the orange tabby cat looking up", "a red circle"])
+    assert (scores > 0).all() and scores[0] > scores[1], scores
+
+
 def test_seed_consistency_flags_memorized_captions(tiny_pipe):
     recs = load_prompt_set("tiny")
     scores = SeedConsistency().score(tiny_pipe, [r.caption for r in recs])
