@@ -36,7 +36,7 @@ def main():
     metric = PixelSSIM()
     ref_images = [load_reference(r) for r in refs]
     out = generate(pipe, [r.caption for r in recs], seeds=seeds, batch_size=32, guidance_scale=args.guidance)
-    print(f"guidance {args.guidance or pipe.dori_defaults.guidance_scale}")
+    print(f"guidance {pipe.dori_defaults.guidance_scale if args.guidance is None else args.guidance}")
     thresholds = metric.thresholds_for(ref_images, out.images.shape[-1])
     sims = metric.pairwise(out.images, ref_images)
     rows = {p: [j for j, q in enumerate(out.prompt_index) if q == p] for p in range(len(recs))}

@@ -32,7 +32,7 @@ def test_prompt_embeds_path_equals_prompt_path(tiny_pipe):
 
 def test_noise_predictions_for_detectors(tiny_pipe):
     out = generate(tiny_pipe, CAPS, seeds=[0, 1], num_inference_steps=10, stop_after=2, return_noise_preds=True,
-                   with_uncond=True)  # as detectors ask: the model samples at guidance 1
+                   with_uncond=True)  # as detectors ask (needed at guidance 1)
     assert out.images is None and len(out.noise_preds) == 2 and len(out.timesteps) == 2
     assert out.noise_preds[0].shape == (2, 4, 3, 32, 32)  # (uncond, cond) x samples
     uncond, cond = out.noise_preds[0]
