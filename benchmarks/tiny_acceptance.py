@@ -1,6 +1,6 @@
 """The tiny model's acceptance checks (issue 2) over as many seeds as you like.
 
-    python benchmarks/tiny_acceptance.py [--model tiny|DIR] [--n-seeds 16] [--guidance 2.0]
+    python benchmarks/tiny_acceptance.py [--model tiny|DIR] [--n-seeds 16] [--guidance 2.0] [--guidance-rescale 0.5]
 
 `tests/test_tiny_model.py` asserts the same checks on seeds 0-3. This prints, for every caption of the
 tiny prompt set, under the pinned pixel-ssim protocol (above 0.5 and above the reference's distractor
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--n-seeds", type=int, default=16, help="seeds 0 .. N-1")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's (the acceptance's)")
+    ap.add_argument("--guidance-rescale", type=float, default=None, help="default: the model's")
     args = ap.parse_args()
     torch.set_num_threads(2)
     seeds = list(range(args.n_seeds))
@@ -35,8 +36,11 @@ def main():
     refs = [r for r in recs if r.reference_status == "ok"]
     metric = PixelSSIM()
     ref_images = [load_reference(r) for r in refs]
-    out = generate(pipe, [r.caption for r in recs], seeds=seeds, batch_size=32, guidance_scale=args.guidance)
-    print(f"guidance {pipe.dori_defaults.guidance_scale if args.guidance is None else args.guidance}")
+    out = generate(pipe, [r.caption for r in recs], seeds=seeds, batch_size=32, guidance_scale=args.guidance,
+                   guidance_rescale=args.guidance_rescale)
+    d = pipe.dori_defaults
+    print(f"guidance {d.guidance_scale if args.guidance is None else args.guidance}, rescale "
+          f"{d.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale}")
     thresholds = metric.thresholds_for(ref_images, out.images.shape[-1])
     sims = metric.pairwise(out.images, ref_images)
     rows = {p: [j for j, q in enumerate(out.prompt_index) if q == p] for p in range(len(recs))}

@@ -317,7 +317,8 @@ def run_demo(
                for name in ("nemo", "wanda") if name in stages}  # bad parameter values fail here, early
     d = pipe.dori_defaults
     gen = dict(num_inference_steps=num_inference_steps or d.num_inference_steps,
-               guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale)
+               guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+               guidance_rescale=d.guidance_rescale)
     config.update(resolved_generation=gen, metric=m and m.name, threshold=m and m.threshold)
     missing = [r for r in records if r.reference_status == "missing"]
     if missing:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
 from dori.errors import DoriError
@@ -120,6 +121,7 @@ def generate(
     seeds: Sequence[int] = (0,),
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_rescale: float | None = None,
     negative_embeds: torch.Tensor | None = None,
     batch_size: int = 16,
     resolution: int | None = None,
@@ -165,6 +167,7 @@ def generate(
     d = pipe.dori_defaults
     steps = num_inference_steps or d.num_inference_steps
     gs = d.guidance_scale if guidance_scale is None else guidance_scale
+    rescale = d.guidance_rescale if guidance_rescale is None else guidance_rescale
     need_uncond = gs != 1.0 or with_uncond
     if negative_embeds is None and need_uncond:
         negative_embeds = encode_prompts(pipe, [""])
@@ -194,6 +197,8 @@ def generate(
                     neg = negative_embeds.to(cond).expand(len(bp), -1, -1)
                     eps_u, eps_c = predict_noise(pipe, torch.cat([x_in, x_in]), t, torch.cat([neg, cond])).chunk(2)
                     eps = eps_c if gs == 1.0 else eps_u + gs * (eps_c - eps_u)
+                    if rescale and gs != 1.0:
+                        eps = rescale_noise_cfg(eps, eps_c, guidance_rescale=rescale)
                 else:
                     eps_c = predict_noise(pipe, x_in, t, cond)
                     eps_u, eps = eps_c, eps_c

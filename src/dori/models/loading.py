@@ -27,6 +27,7 @@ class GenerationDefaults:
 
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
     resolution: int | None = None  # None: unet.sample_size * vae_scale_factor
 
 
@@ -35,7 +36,7 @@ def _read_defaults(folder: Path) -> GenerationDefaults:
     if not f.is_file():
         return GenerationDefaults()
     d = json.loads(f.read_text())
-    return GenerationDefaults(**{k: d[k] for k in ("num_inference_steps", "guidance_scale", "resolution") if k in d})
+    return GenerationDefaults(**{k: d[k] for k in ("num_inference_steps", "guidance_scale", "guidance_rescale", "resolution") if k in d})
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:

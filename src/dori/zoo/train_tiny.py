@@ -112,12 +112,15 @@ class TrainConfig:
     ema_decay: float | None = None
     seed: int = 0
     threads: int = 2
-    # Sampling defaults written to dori_defaults.json. SD's 7.5 guidance ruins a model this small. Any
+    # Sampling defaults written to dori_defaults.json. SD's 7.5 guidance ruins a model this small. Plain
     # guidance above 1 speckles this model's memorized copies (the coffee cup: pixel-ssim 0.82 at 1.0,
-    # 0.45 at 2.0), but without guidance DoRI through Wanda falls from 0.84 to 0.38 at 50 steps: the
-    # model keeps classifier-free guidance, as SD is used and attacked (docs/tiny-model.md).
+    # 0.45 at 2.0), but without guidance DoRI through Wanda falls from 0.84 to 0.38 at 50 steps. So the
+    # model keeps classifier-free guidance, as SD is used and attacked, with diffusers' guidance rescale
+    # (Lin et al. 2023, made for v-prediction models; `guidance_rescale` of SD pipelines), which removes
+    # the speckle (coffee 0.64-0.71 at 2.0 with rescale 0.5; docs/tiny-model.md).
     sample_steps: int = 25
     guidance_scale: float = 2.0
+    guidance_rescale: float = 0.5
     # Latents = pixels in [-1, 1] times this (the pixel VAE's scaling_factor). 1.0 is the shipped model;
     # 2.0 gives about unit variance, as SD's latent scaling does (tried for NeMo's first-step signal:
     # it memorizes as well and does not lower NeMo's floor, docs/tiny-model.md). The method settings
@@ -279,7 +282,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     recipe.update(train_seconds=round(time.time() - t_start, 1), final_loss_ema=ema,
                   torch=torch.__version__, n_pairs=len(data.captions))
     defaults = {"num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
-                "resolution": RESOLUTION, "methods": METHOD_DEFAULTS}
+                "guidance_rescale": cfg.guidance_rescale, "resolution": RESOLUTION, "methods": METHOD_DEFAULTS}
     (tmp / "dori_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (tmp / "dori_recipe.json").write_text(json.dumps(recipe, indent=2, default=list))
     if out.exists():
