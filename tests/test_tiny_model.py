@@ -18,28 +18,19 @@ from dori.zoo.tiny_data import PHOTO_CAPTIONS
 SEEDS = [0, 1, 2, 3]
 RECORDS = load_prompt_set("tiny")
 
-# Known failures of the shipped model (issue 2; docs/tiny-model.md, "Known weaknesses"). Each is an
-# expected failure of its own test case, strict: a model that fixes it makes the case fail loudly, and
-# every other caption is still checked.
-WEAK_MEMORIZED = {PHOTO_CAPTIONS["coffee"]: "memorized (0.80-0.84 without guidance), but guidance 2.0 "
-                  "speckles it: pixel-ssim 0.40-0.51 over seeds 0-15, above 0.5 in 1 of 16"}
-REGURGITATING = {PHOTO_CAPTIONS["immunohistochemistry"]: "this held-out caption draws the memorized rocket "
-                 "(9 of seeds 0-15 above the rocket's threshold 0.5, at 0.52-0.63; here only seed 3, at 0.53)"}
-REGURGITATED = {PHOTO_CAPTIONS["immunohistochemistry"]: {PHOTO_CAPTIONS["rocket"]}}  # what each draws
+# A known failure of the shipped model outside SEEDS (issue 2; docs/tiny-model.md, "Known weaknesses"):
+# over seeds 0-15 (`python benchmarks/tiny_acceptance.py`) this held-out caption draws the memorized
+# rocket in 5 of 16 seeds (4, 9, 11, 12, 15; pixel-ssim 0.50-0.58, the rocket's threshold 0.50), none of
+# them in SEEDS. Pinned below at seed 12, its highest.
+KNOWN_REGURGITATION = (PHOTO_CAPTIONS["immunohistochemistry"], 12, PHOTO_CAPTIONS["rocket"])
 
 
-def _cases(kinds, known):
-    captions = {r.caption for r in RECORDS if r.kind in kinds}
-    assert set(known) <= captions, f"stale known failures: {sorted(set(known) - captions)}"
-    xfail = {c: pytest.mark.xfail(strict=True, raises=AssertionError, reason=why) for c, why in known.items()}
-    return [pytest.param(r.caption, id=f"{r.kind}:{r.caption[:40]}",
-                         marks=[xfail[r.caption]] if r.caption in xfail else [])
-            for r in RECORDS if r.kind in kinds]
+def _cases(kinds):
+    return [pytest.param(r.caption, id=f"{r.kind}:{r.caption[:40]}") for r in RECORDS if r.kind in kinds]
 
 
-@pytest.fixture(scope="module")
-def generations(tiny_pipe):
-    out = generate(tiny_pipe, [r.caption for r in RECORDS], seeds=SEEDS, batch_size=32)
+def _replication(tiny_pipe, captions, seeds):
+    out = generate(tiny_pipe, captions, seeds=seeds, batch_size=32)
     refs = [r for r in RECORDS if r.reference_status == "ok"]
     metric = PixelSSIM()  # the pinned protocol: above 0.5 and above the reference's distractor score
     ref_images = [load_reference(r) for r in refs]
@@ -48,12 +39,17 @@ def generations(tiny_pipe):
     return out, refs, sims, thresholds
 
 
+@pytest.fixture(scope="module")
+def generations(tiny_pipe):
+    return _replication(tiny_pipe, [r.caption for r in RECORDS], SEEDS)
+
+
 def _rows(out, caption):
     p = [r.caption for r in RECORDS].index(caption)
     return [j for j, q in enumerate(out.prompt_index) if q == p]
 
 
-@pytest.mark.parametrize("caption", _cases({"memorized"}, WEAK_MEMORIZED))
+@pytest.mark.parametrize("caption", _cases({"memorized"}))
 def test_memorized_caption_replicates_its_photo(generations, caption):
     out, refs, sims, thresholds = generations
     k = [r.caption for r in refs].index(caption)
@@ -63,7 +59,7 @@ def test_memorized_caption_replicates_its_photo(generations, caption):
         f"{int(hits.sum())}/{len(hits)} seeds replicate; scores {[round(float(s), 2) for s in scores]}")
 
 
-@pytest.mark.parametrize("caption", _cases({"seen_once", "held_out", "procedural", "unseen"}, REGURGITATING))
+@pytest.mark.parametrize("caption", _cases({"seen_once", "held_out", "procedural", "unseen"}))
 def test_non_memorized_caption_replicates_no_reference_photo(generations, caption):
     out, refs, sims, thresholds = generations
     for j in _rows(out, caption):
@@ -72,13 +68,17 @@ def test_non_memorized_caption_replicates_no_reference_photo(generations, captio
             f"{refs[k].reference} ({sims[j, k]:.2f} > {thresholds[k]:.2f})" for k in over)
 
 
-def test_known_regurgitations_draw_only_the_known_photos(generations):
-    """The known failure above fails for the documented reason and no other."""
-    out, refs, sims, thresholds = generations
-    for caption, photos in REGURGITATED.items():
-        drawn = {refs[k].caption for j in _rows(out, caption)
-                 for k in (sims[j] > thresholds).nonzero().flatten().tolist()}
-        assert drawn <= photos, f"{caption!r} also replicates {sorted(drawn - photos)}"
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known failure of the shipped tiny model "
+                   "(issue 2): a held-out caption draws the memorized rocket in some seeds; see KNOWN_REGURGITATION")
+def test_known_regurgitation_outside_the_test_seeds(tiny_pipe):
+    """The documented failure, pinned: a fixed model makes this fail loudly (strict xfail); the caption
+    drawing any photo but the documented one is a real failure, not the expected one."""
+    caption, seed, photo = KNOWN_REGURGITATION
+    out, refs, sims, thresholds = _replication(tiny_pipe, [caption], [seed])
+    drawn = {refs[k].caption for k in (sims[0] > thresholds).nonzero().flatten().tolist()}
+    if drawn - {photo}:
+        pytest.fail(f"{caption!r} seed {seed} replicates {sorted(drawn - {photo})}, not only the documented photo")
+    assert not drawn, f"{caption!r} seed {seed} replicates {photo!r}"
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,

@@ -36,7 +36,8 @@ def _read_defaults(folder: Path) -> GenerationDefaults:
     if not f.is_file():
         return GenerationDefaults()
     d = json.loads(f.read_text())
-    return GenerationDefaults(**{k: d[k] for k in ("num_inference_steps", "guidance_scale", "guidance_rescale", "resolution") if k in d})
+    keys = ("num_inference_steps", "guidance_scale", "guidance_rescale", "resolution")
+    return GenerationDefaults(**{k: d[k] for k in keys if k in d})
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
