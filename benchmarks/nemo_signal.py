@@ -2,7 +2,7 @@
 
     python benchmarks/nemo_signal.py [--per-kind 3] [--model tiny|DIR]
 
-On the embedded tiny model (its prompt set, pixel-ssim and guidance 2).
+On the embedded tiny model (its prompt set, pixel-ssim and its sampling defaults for the MR columns).
 
 NeMo judges a neuron selection by SSIM(delta_vanilla, delta_blocked), delta = eps(x_T, prompt) - x_T at
 the first step (per-channel min-max scaled), and accepts it below its threshold (0.428 on SD v1.4).

@@ -1,6 +1,7 @@
 """How much of a procedural caption the tiny model uses: colour and shape, in the loss and in samples.
 
-    python benchmarks/procedural_conditioning.py [--model tiny|DIR] [--guidance 2] [--n-seeds 4]
+    python benchmarks/procedural_conditioning.py [--model tiny|DIR] [--guidance 2] [--guidance-rescale 0.5]
+        [--n-seeds 4]
 
 1. The programmatic check (`dori.metrics.procedural.check_procedural`) on freshly rendered training-like
    images: its accuracy on ground truth, so that a low score below is the model's, not the check's.
@@ -85,13 +86,15 @@ def caption_losses(pipe, layout: str, n: int = 96, timesteps=(100, 300, 500, 700
               + f"  {share['wrong colour']:>12.2f}  {share['wrong shape']:>11.2f}")
 
 
-def generation_checks(pipe, guidance: list[float], seeds: list[int]) -> None:
+def generation_checks(pipe, guidance: list[float], seeds: list[int], rescale: float | None = None) -> None:
     recs = [r for r in load_prompt_set("tiny") if r.kind in ("procedural", "memorized")]
     metric = PixelSSIM()
-    print(f"generation, seeds {seeds}, the model's sampling steps")
+    rescale = pipe.dori_defaults.guidance_rescale if rescale is None else rescale
+    print(f"generation, seeds {seeds}, the model's sampling steps, guidance rescale {rescale} (where guidance > 1)")
     print(f"{'guidance':>8}  colour  shape   both  memorized MR")
     for gs in guidance:
-        out = generate(pipe, [r.caption for r in recs], seeds=seeds, guidance_scale=gs, batch_size=32)
+        out = generate(pipe, [r.caption for r in recs], seeds=seeds, guidance_scale=gs, guidance_rescale=rescale,
+                       batch_size=32)
         found, hits = [], []
         for j, p in enumerate(out.prompt_index):
             r = recs[p]
@@ -109,6 +112,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--guidance", default=None, help="comma-separated; default: the model's")
+    ap.add_argument("--guidance-rescale", type=float, default=None, help="default: the model's")
     ap.add_argument("--n-seeds", type=int, default=4, help="seeds 0 .. N-1")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -119,7 +123,7 @@ def main():
     caption_losses(pipe, layout)
     guidance = ([float(g) for g in args.guidance.split(",")] if args.guidance
                 else [pipe.dori_defaults.guidance_scale])
-    generation_checks(pipe, guidance, list(range(args.n_seeds)))
+    generation_checks(pipe, guidance, list(range(args.n_seeds)), args.guidance_rescale)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def test_the_loop_samples_what_the_diffusers_pipeline_samples(tiny_pipe, rescale
         plain = generate(tiny_pipe, CAPS[:1], seeds=[7], num_inference_steps=4, guidance_scale=2.0,
                          guidance_rescale=0.0).images
         assert (plain - ours).abs().max() > 1e-2
+        # the model's own default (dori_defaults.json: 0.5) is what generate() uses when not told
+        default = generate(tiny_pipe, CAPS[:1], seeds=[7], num_inference_steps=4, guidance_scale=2.0).images
+        torch.testing.assert_close(default, ours)
+
+
+def test_guidance_rescale_outside_0_1_is_one_clear_error(tiny_pipe):
+    with pytest.raises(DoriError, match="guidance_rescale must lie in"):
+        generate(tiny_pipe, CAPS[:1], seeds=[0], num_inference_steps=2, guidance_rescale=1.5)
 
 
 def test_differentiable_path_reaches_the_embedding(tiny_pipe):

@@ -56,6 +56,7 @@ def test_dtype_and_defaults_file():
     assert pipe.unet.dtype == torch.float32
     d = json.loads((TINY_PATH / "dori_defaults.json").read_text())
     assert pipe.dori_defaults.guidance_scale == d["guidance_scale"]
+    assert pipe.dori_defaults.guidance_rescale == d["guidance_rescale"] == 0.5
     assert dori.__version__
 
 

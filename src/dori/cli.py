@@ -59,6 +59,8 @@ def demo(
     sscd: str = typer.Option(None, help="local SSCD TorchScript file for sscd-* metrics"),
     steps: int = typer.Option(None, help="sampling steps (default: the model's)"),
     guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    guidance_rescale: float = typer.Option(None, help="diffusers' guidance rescale, 0-1 (default: the model's; "
+                                           "0 for models without a dori_defaults.json)"),
     device: str = typer.Option("cpu"),
     stages: str = typer.Option("generate,detect,nemo,wanda,bypass",
                                help="comma-separated stages: generate, detect, nemo, wanda, bypass"),
@@ -80,8 +82,9 @@ def demo(
     sizes = {k: v or None for k, v in (("max_targets", targets), ("fidelity_per_kind", fidelity_per_kind))
              if v is not None}  # unset: run_demo's DEMO_TARGETS / DEMO_FIDELITY_PER_KIND; 0: all
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
-                   sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance, device=device,
-                   images_dir=images_dir, stages=_list(stages), stats_prompts=stats_prompts,
+                   sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance,
+                   guidance_rescale=guidance_rescale, device=device, images_dir=images_dir, stages=_list(stages),
+                   stats_prompts=stats_prompts,
                    budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
                    method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity, **sizes)
     _print_results(res, out)
@@ -222,7 +225,8 @@ def mitigate(
     if method not in ("nemo", "wanda"):
         raise DoriError(f"--method must be 'nemo' or 'wanda', got {method!r}")
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
-         steps=None, guidance=None, device=device, stages=f"generate,{method}", stats_prompts=stats_prompts,
+         steps=None, guidance=None, guidance_rescale=None, device=device, stages=f"generate,{method}",
+         stats_prompts=stats_prompts,
          budgets="0", pairs=8, param=param, per_prompt_fidelity=True, targets=0, fidelity_per_kind=0)
 
 

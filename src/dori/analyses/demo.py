@@ -7,6 +7,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from dori.analyses.mitigate import run_mitigation
@@ -68,7 +69,7 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
     out = []
     for name in detectors:
         det = make_detector(name, seeds)
-        key = store.key("detect", repr(det), caps, labels, thr, model_id(pipe))
+        key = store.key("detect", repr(det), caps, labels, thr, model_id(pipe), asdict(pipe.dori_defaults))
         res = store.get(key)
         if res is None:
             scores = det.score(pipe, caps).tolist()
@@ -244,6 +245,7 @@ def run_demo(
     sscd_path: str | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_rescale: float | None = None,
     device: str = "cpu",
     images_dir: str | None = None,
     stages: Sequence[str] = DEFAULT_STAGES,
@@ -281,8 +283,9 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
-                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, device=device,
-                  stages=list(stages), stats_prompts=stats_prompts, attack=attack, budgets=list(budgets),
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  guidance_rescale=guidance_rescale, device=device, stages=list(stages), stats_prompts=stats_prompts,
+                  attack=attack, budgets=list(budgets),
                   control_per_kind=control_per_kind, max_targets=max_targets, fidelity_per_kind=fidelity_per_kind,
                   token_variants=token_variants,
                   method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors))
@@ -318,7 +321,7 @@ def run_demo(
     d = pipe.dori_defaults
     gen = dict(num_inference_steps=num_inference_steps or d.num_inference_steps,
                guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
-               guidance_rescale=d.guidance_rescale)
+               guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale)
     config.update(resolved_generation=gen, metric=m and m.name, threshold=m and m.threshold)
     missing = [r for r in records if r.reference_status == "missing"]
     if missing:

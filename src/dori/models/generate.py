@@ -139,6 +139,9 @@ def generate(
         prompts: captions; or give ``prompt_embeds`` (``P x 77 x D``) instead, e.g. a DoRI trigger.
         seeds: the seeds generated for every prompt.
         num_inference_steps, guidance_scale: default to the model's (``pipe.dori_defaults``).
+        guidance_rescale: diffusers' guidance rescale (Lin et al. 2023; ``rescale_noise_cfg``, the
+            ``guidance_rescale`` of its SD pipelines), applied where guidance is above 1; default: the
+            model's (0, plain guidance, unless its ``dori_defaults.json`` says otherwise; the tiny model 0.5).
         negative_embeds: the unconditional embedding (``1 x 77 x D``); default: the empty prompt's.
         batch_size: samples per UNet call (CFG doubles the UNet batch).
         return_noise_preds: keep the unconditional and conditional noise prediction of every step (as
@@ -168,6 +171,8 @@ def generate(
     steps = num_inference_steps or d.num_inference_steps
     gs = d.guidance_scale if guidance_scale is None else guidance_scale
     rescale = d.guidance_rescale if guidance_rescale is None else guidance_rescale
+    if not 0.0 <= rescale <= 1.0:
+        raise DoriError(f"guidance_rescale must lie in [0, 1] (0: plain guidance), got {rescale}")
     need_uncond = gs != 1.0 or with_uncond
     if negative_embeds is None and need_uncond:
         negative_embeds = encode_prompts(pipe, [""])
@@ -197,8 +202,11 @@ def generate(
                     neg = negative_embeds.to(cond).expand(len(bp), -1, -1)
                     eps_u, eps_c = predict_noise(pipe, torch.cat([x_in, x_in]), t, torch.cat([neg, cond])).chunk(2)
                     eps = eps_c if gs == 1.0 else eps_u + gs * (eps_c - eps_u)
-                    if rescale and gs != 1.0:
-                        eps = rescale_noise_cfg(eps, eps_c, guidance_rescale=rescale)
+                    if rescale and gs > 1.0:  # as diffusers: only where guidance amplifies
+                        # one sample at a time: a batched std reduces in an order that depends on the batch,
+                        # and a sample must not depend on what it was batched with (resumed runs, tests)
+                        eps = torch.cat([rescale_noise_cfg(eps[k : k + 1], eps_c[k : k + 1], guidance_rescale=rescale)
+                                         for k in range(len(eps))])
                 else:
                     eps_c = predict_noise(pipe, x_in, t, cond)
                     eps_u, eps = eps_c, eps_c

@@ -114,7 +114,8 @@ class TrainConfig:
     threads: int = 2
     # Sampling defaults written to dori_defaults.json. SD's 7.5 guidance ruins a model this small. Plain
     # guidance above 1 speckles this model's memorized copies (the coffee cup: pixel-ssim 0.82 at 1.0,
-    # 0.45 at 2.0), but without guidance DoRI through Wanda falls from 0.84 to 0.38 at 50 steps. So the
+    # 0.45 at 2.0), but without guidance DoRI through Wanda falls to 0.38 at 50 steps (0.84 at plain 2.0,
+    # 0.72 at 2.0 with rescale 0.5). So the
     # model keeps classifier-free guidance, as SD is used and attacked, with diffusers' guidance rescale
     # (Lin et al. 2023, made for v-prediction models; `guidance_rescale` of SD pipelines), which removes
     # the speckle (coffee 0.64-0.71 at 2.0 with rescale 0.5; docs/tiny-model.md).
