@@ -267,7 +267,7 @@ def train_tiny_cmd(
     fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
                                          "reproduce the shipped weights"),
 ):
-    """Train the embedded tiny model from scratch with the shipped recipe (31 min on 2 cores)."""
+    """Train the embedded tiny model from scratch with the shipped recipe (26-31 min on 2 cores)."""
     from dori.zoo.tiny_data import LAYOUTS
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -36,8 +36,7 @@ def _read_defaults(folder: Path) -> GenerationDefaults:
     if not f.is_file():
         return GenerationDefaults()
     d = json.loads(f.read_text())
-    keys = ("num_inference_steps", "guidance_scale", "guidance_rescale", "resolution")
-    return GenerationDefaults(**{k: d[k] for k in keys if k in d})
+    return GenerationDefaults(**{f.name: d[f.name] for f in fields(GenerationDefaults) if f.name in d})
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
