@@ -19,9 +19,10 @@ from dori.models.generate import encode_prompts, predict_noise, training_target
 
 
 def bare_steps(pipe, images, prompts, pairs, steps):
+    dev = pipe.unet.device
     y = encode_prompts(pipe, prompts).repeat_interleave(pairs, 0).clone().requires_grad_(True)
-    x = (images * 2 - 1).repeat_interleave(pairs, 0)
-    t = torch.randint(0, 1000, (x.shape[0],))
+    x = (images * 2 - 1).repeat_interleave(pairs, 0).to(dev)
+    t = torch.randint(0, 1000, (x.shape[0],), device=dev)
     target = training_target(pipe.scheduler, x, torch.randn_like(x), t)  # eps, or v for a v-model
     opt = torch.optim.Adam([y], lr=0.1)
     t0 = time.perf_counter()
@@ -30,6 +31,8 @@ def bare_steps(pipe, images, prompts, pairs, steps):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return (time.perf_counter() - t0) / steps
 
 
@@ -40,9 +43,10 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny", device=args.device)
     recs = [r for r in load_prompt_set("tiny") if r.memorized][: args.targets]
     images = torch.stack([load_reference(r) for r in recs])
     prompts = [r.caption for r in recs]

@@ -1,6 +1,6 @@
 """NeMo's candidate checks on the tiny model: the reference procedure against dori's, same neurons.
 
-    python benchmarks/nemo_batched.py [--prompts 2] [--batch 16]   (--batch 0 skips the batched way)
+    python benchmarks/nemo_batched.py [--prompts 2] [--batch 16] [--device cuda]   (--batch 0 skips the batched way)
 
 Three ways to run the same search, per memorized prompt:
 - ``reference``: one full UNet call per candidate check (the reference code's procedure);
@@ -18,6 +18,7 @@ moves with the machine's load).
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -27,21 +28,29 @@ from dori.mitigations.nemo import NeMo
 from dori.models.layers import resolve_layers
 
 
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def prefix_shares(pipe, group: str, batch: int = 10, repeats: int = 10) -> dict[str, float]:
     """Per layer of ``group``: mean share of a UNet forward's time spent before the layer is called."""
     stamps, shares = {}, {}
+    dev = pipe.unet.device
     refs = resolve_layers(pipe.unet, group)
-    handles = [r.module.register_forward_pre_hook(lambda m, a, n=r.name: stamps.__setitem__(n, time.perf_counter()))
+    handles = [r.module.register_forward_pre_hook(lambda m, a, n=r.name: stamps.__setitem__(n, clock(dev)))
                for r in refs]
     g = torch.Generator().manual_seed(0)
     size = pipe.unet.config.sample_size
-    x = torch.randn(batch, pipe.unet.config.in_channels, size, size, generator=g)
-    e = torch.randn(batch, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    x = torch.randn(batch, pipe.unet.config.in_channels, size, size, generator=g).to(dev)
+    e = torch.randn(batch, 77, pipe.text_encoder.config.hidden_size, generator=g).to(dev)
     for i in range(repeats + 2):
-        t0 = time.perf_counter()
+        t0 = clock(dev)
         pipe.unet(x, 500, encoder_hidden_states=e)
-        t1 = time.perf_counter()
+        t1 = clock(dev)
         for n, t in stamps.items():
             if i >= 2:  # 2 warm-up forwards
                 shares[n] = shares.get(n, 0.0) + (t - t0) / (t1 - t0) / repeats
@@ -54,12 +63,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny", device=args.device)
+    now = partial(clock, torch.device(args.device))
     kw = dict(pipe.dori_method_defaults.get("nemo", {}))
     stats = tiny_stats_prompts()
     mem = [r.caption for r in load_prompt_set("tiny") if r.memorized][: args.prompts]
+    print(f"device {args.device}")
     print(f"share of a UNet forward (batch 10) before each {kw.get('layer_group', 'nemo-value')!r} layer:")
     for name, share in prefix_shares(pipe, kw.get("layer_group", "nemo-value")).items():
         print(f"  {share:5.1%}  {name}")
@@ -72,9 +84,9 @@ def main():
         for name, (batch, reuse) in ways.items():
             nemo = NeMo(**kw, batch_candidates=batch, reuse_prefix=reuse)
             nemo.fit_statistics(pipe, stats)
-            t0 = time.perf_counter()
+            t0 = now()
             res[name] = nemo.localize(pipe, p)
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             total[name] += dt
             print(f"{name:18s} {p[:40]!r}: {res[name].stats.get('unet_calls')} UNet calls, {dt:.1f} s, "
                   f"{len(res[name].mask)} neurons, {res[name].stats.get('replayed_units', 0)} module calls replayed")

@@ -78,7 +78,9 @@ def caption_losses(pipe, layout: str, n: int = 96, timesteps=(100, 300, 500, 700
         a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = training_target(sched, x0, noise, t)
-        loss = {k: float(((predict_noise(pipe, xt, t, e) - target) ** 2).mean()) for k, e in embeds.items()}
+        dev = pipe.unet.device
+        loss = {k: float(((predict_noise(pipe, xt.to(dev), t.to(dev), e).cpu() - target) ** 2).mean())
+                for k, e in embeds.items()}
         gain = loss["empty"] - loss["true"]
         share = {k: (loss[k] - loss["true"]) / gain if gain > 0 else float("nan")
                  for k in ("wrong colour", "wrong shape")}
@@ -111,12 +113,13 @@ def generation_checks(pipe, guidance: list[float], seeds: list[int], rescale: fl
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--guidance", default=None, help="comma-separated; default: the model's")
     ap.add_argument("--guidance-rescale", type=float, default=None, help="default: the model's")
     ap.add_argument("--n-seeds", type=int, default=4, help="seeds 0 .. N-1")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
     layout = model_layout(args.model)
     color, shape = check_accuracy(layout)
     print(f"check on 600 rendered training-like images ({layout} layout): colour {color:.2f}, shape {shape:.2f}")

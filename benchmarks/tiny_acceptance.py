@@ -25,13 +25,14 @@ from dori.models.generate import generate
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-seeds", type=int, default=16, help="seeds 0 .. N-1")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's (the acceptance's)")
     ap.add_argument("--guidance-rescale", type=float, default=None, help="default: the model's")
     args = ap.parse_args()
     torch.set_num_threads(2)
     seeds = list(range(args.n_seeds))
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
     recs = load_prompt_set("tiny")
     refs = [r for r in recs if r.reference_status == "ok"]
     metric = PixelSSIM()

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+# cuBLAS is deterministic only with this workspace setting (read when CUDA starts; no effect on the CPU)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -266,13 +266,15 @@ def train_tiny_cmd(
     seed: int = typer.Option(0),
     fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
                                          "reproduce the shipped weights"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N (same random draws; a GPU's weights differ "
+                               "from the CPU's in the last bits)"),
 ):
     """Train the embedded tiny model from scratch with the shipped recipe (26-31 min on 2 cores)."""
     from dori.zoo.tiny_data import LAYOUTS
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 
     cfg = TrainConfig(out=str(out), seed=seed, latent_scale=latent_scale, fused_optimizer=fused_optimizer,
-                      ema_decay=ema_decay)
+                      ema_decay=ema_decay, device=device)
     if prediction_type is not None:
         cfg.prediction_type = prediction_type
     if steps is not None:

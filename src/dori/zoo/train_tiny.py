@@ -112,6 +112,9 @@ class TrainConfig:
     ema_decay: float | None = None
     seed: int = 0
     threads: int = 2
+    # Where to train ("cpu", "cuda", "cuda:1"). Every random draw stays on the CPU generator, so a GPU
+    # run sees the same batches, noise and timesteps; its float order differs, so its weights do too.
+    device: str = "cpu"
     # Sampling defaults written to dori_defaults.json. SD's 7.5 guidance ruins a model this small. Plain
     # guidance above 1 speckles this model's memorized copies (the coffee cup: pixel-ssim 0.82 at 1.0,
     # 0.45 at 2.0), but without guidance DoRI through Wanda falls to 0.38 at 50 steps (0.84 at plain 2.0,
@@ -211,11 +214,16 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     if not cfg.train_text_encoder:
         embeds, empty = _encode(tok, te, data.captions), _encode(tok, te, [""])
-    images = (data.images * 2 - 1) * cfg.latent_scale  # the VAE slot is the identity: latents are pixels
+    dev = torch.device(cfg.device)
+    unet.to(dev), te.to(dev)
+    ids, empty_ids = ids.to(dev), empty_ids.to(dev)
+    if not cfg.train_text_encoder:
+        embeds, empty = embeds.to(dev), empty.to(dev)
+    images = ((data.images * 2 - 1) * cfg.latent_scale).to(dev)  # the VAE slot is the identity: latents = pixels
 
     noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config(1.0, cfg.prediction_type).items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
-    abar = noise_sched.alphas_cumprod
+    abar = noise_sched.alphas_cumprod.to(dev)
     g = torch.Generator().manual_seed(cfg.seed)
     params = list(unet.parameters())
     if cfg.train_text_encoder:
@@ -239,16 +247,16 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     bar = tqdm(range(cfg.steps), desc="train tiny", mininterval=5)
     ema = None
     for _step in bar:
-        idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=g)
+        idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=g).to(dev)
         x0 = images[idx]
-        drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        drop = (torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout).to(dev)
         if cfg.train_text_encoder:
             cond = te(torch.where(drop[:, None], empty_ids, ids[idx]))[0]
         else:
             cond = embeds[idx].clone()
             cond[drop] = empty
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g).to(dev)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(xt, t, cond).sample, training_target(noise_sched, x0, noise, t))
@@ -264,8 +272,8 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
 
     if weights_ema is not None:
         weights_ema.copy_to(params)
-    unet.eval()
-    te.eval().requires_grad_(False)
+    unet.eval().to("cpu")
+    te.eval().requires_grad_(False).to("cpu")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())  # save with diffusers' default processor

@@ -1,0 +1,114 @@
+"""The CUDA paths, checked against the CPU's: skipped unless asked, ``pytest -m gpu`` on a machine with CUDA.
+
+The CPU suite checks the algorithms; these check that each stage runs where the 500-prompt studies run,
+keeps its work on the device, and agrees with the CPU up to float order.
+"""
+
+import hashlib
+
+import pytest
+import torch
+
+from dori import load_pipeline, load_prompt_set
+from dori.attacks.dori import DoRI
+from dori.data.prompts import load_reference
+from dori.data.tiny import tiny_stats_prompts
+from dori.metrics.pixel import PixelSSIM
+from dori.mitigations.masks import apply_mask
+from dori.mitigations.nemo import NeMo
+from dori.mitigations.wanda import Wanda
+from dori.models.generate import generate
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+MEMORIZED = "chelsea the orange tabby cat looking up"
+
+
+@pytest.fixture(autouse=True)
+def _cuda_determinism():
+    """Some CUDA kernels the UNet's backward uses (nearest upsampling) have no deterministic version:
+    warn instead of failing for them (every check below compares with a tolerance or a selection)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(True)
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe():
+    return load_pipeline("tiny", device="cuda")
+
+
+def _digest(module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_generation_on_cuda_matches_the_cpu(tiny_pipe, cuda_pipe):
+    prompts = [MEMORIZED, "a red circle", "close up of a grey brick wall"]
+    cpu = generate(tiny_pipe, prompts, seeds=[0, 1]).images
+    gpu = generate(cuda_pipe, prompts, seeds=[0, 1]).images
+    assert gpu.device.type == "cpu" and gpu.shape == cpu.shape
+    assert float((gpu - cpu).abs().mean()) < 5e-3, float((gpu - cpu).abs().mean())
+    assert float(PixelSSIM().score(gpu, cpu).min()) > 0.98
+
+
+def test_batched_nemo_on_cuda_selects_what_the_sequential_procedure_selects(cuda_pipe, tmp_path):
+    kw = dict(cuda_pipe.dori_method_defaults.get("nemo", {})) | {"stats_cache": tmp_path}
+    stats = tiny_stats_prompts()
+    seq = NeMo(**kw, batch_candidates=1, reuse_prefix=False).localize(cuda_pipe, MEMORIZED, stats)
+    default = NeMo(**kw)  # CUDA's default: 16 checks per UNet call, with prefix replay
+    bat = default.localize(cuda_pipe, MEMORIZED, stats)
+    assert default._batch == 16
+    assert seq.memorized and bat.memorized and len(seq.mask) > 0
+    assert seq.mask.counts() == bat.mask.counts()
+    assert all(torch.equal(seq.mask.layers[n], bat.mask.layers[n]) for n in seq.mask.layers)
+    assert bat.stats["unet_calls"] < seq.stats["unet_calls"]
+
+
+def test_wanda_on_cuda_keeps_its_statistics_on_the_device_and_agrees_with_the_cpu(tiny_pipe, cuda_pipe):
+    w = Wanda(**tiny_pipe.dori_method_defaults.get("wanda", {}))
+    norms = w.column_norms(cuda_pipe, MEMORIZED)
+    assert norms and all(v.device.type == "cuda" for v in norms.values())
+    cpu, gpu = w.localize(tiny_pipe, MEMORIZED), w.localize(cuda_pipe, MEMORIZED)
+    assert set(cpu.layers) == set(gpu.layers)
+    both = sum(len(set(cpu.layers[n].tolist()) & set(gpu.layers[n].tolist())) for n in cpu.layers)
+    # float order may swap weights tied at a row's cut-off; nothing more
+    assert both >= 0.99 * max(len(cpu), len(gpu)), (both, len(cpu), len(gpu))
+
+
+def test_masks_on_cuda_restore_the_model_bit_exactly(cuda_pipe):
+    mask = Wanda(**cuda_pipe.dori_method_defaults.get("wanda", {})).localize(cuda_pipe, MEMORIZED)
+    before = _digest(cuda_pipe.unet)
+    base = generate(cuda_pipe, [MEMORIZED], seeds=[0]).images
+    with apply_mask(cuda_pipe, mask):
+        pruned = generate(cuda_pipe, [MEMORIZED], seeds=[0]).images
+    assert _digest(cuda_pipe.unet) == before
+    assert (pruned - base).abs().max() > 1e-3
+    assert torch.equal(generate(cuda_pipe, [MEMORIZED], seeds=[0]).images, base)
+
+
+def test_dori_on_cuda_optimizes_only_the_embedding(cuda_pipe):
+    recs = [r for r in load_prompt_set("tiny") if r.memorized][:2]
+    images = torch.stack([load_reference(r) for r in recs])
+    before = (_digest(cuda_pipe.unet), _digest(cuda_pipe.text_encoder))
+    res = DoRI(steps=10, restarts=2).attack(cuda_pipe, images, prompts=[r.caption for r in recs])
+    assert (_digest(cuda_pipe.unet), _digest(cuda_pipe.text_encoder)) == before
+    assert res.trigger.device.type == "cuda" and res.trigger.shape[0] == 4
+    assert res.steps == 10 and len(res.loss) == 10 and min(res.distance[-1]) > 0
+
+
+def test_the_recipe_trains_on_cuda(tmp_path):
+    from dori.zoo.tiny_data import TinyDataSpec
+    from dori.zoo.train_tiny import TrainConfig, train_tiny
+
+    spec = TinyDataSpec(n_procedural=40, duplicates=3, lfw_seen_once=(0, 1, 100), lfw_held_out=(80,),
+                        n_photo_crops=8)
+    kw = dict(steps=6, batch_size=4, warmup=2, data=spec)
+    gpu = load_pipeline(train_tiny(TrainConfig(out=str(tmp_path / "gpu"), device="cuda", **kw)))
+    cpu = load_pipeline(train_tiny(TrainConfig(out=str(tmp_path / "cpu"), **kw)))
+    assert gpu.unet.device.type == "cpu"  # saved from the CPU, loadable anywhere
+    # the same batches, noise and timesteps: the two runs differ only in float order
+    for (name, a), b in zip(gpu.unet.state_dict().items(), cpu.unet.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-3, rtol=0), name
