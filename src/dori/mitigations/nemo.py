@@ -28,9 +28,10 @@ value projections (docs/tiny-model.md).
 
 Speed-up over the reference code (which checks one candidate per UNet call and runs a UNet pass just to
 read text-only activations): candidate checks are batched, many candidate masks in one UNet call, one
-mask per sample. The greedy decisions are replayed in order, so the selected set equals the sequential
-procedure's (``batch_candidates=1`` runs it sequentially); checks evaluated after an accepted
-candidate in the same batch are recomputed under the new state and counted in ``stats["speculative"]``.
+mask per sample (``batch_candidates``; off by default: it did not pay on either device, see its
+argument). The greedy decisions are replayed in order, so the selected set equals the sequential
+procedure's up to float rounding; checks evaluated after an accepted candidate in the same batch are
+recomputed under the new state and counted in ``stats["speculative"]``.
 And every check reuses the accepted state's forward up to the first layer whose mask it changes
 (:class:`dori.models.replay.PrefixReplay`), computing only the rest of the UNet: a check of a late
 layer recomputes little, one of the first layer almost everything. Both keep the selection exact
@@ -53,7 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dori.mitigations.masks import Mask, per_sample_neuron_masks
-from dori.models.generate import encode_prompts, generate, initial_noise, unet_place
+from dori.models.generate import encode_prompts, generate, initial_noise
 from dori.models.layers import resolve_layers
 from dori.models.loading import modules_fingerprint
 from dori.models.replay import PrefixReplay
@@ -99,11 +100,12 @@ class NeMo:
             calibrate it for another model, see :func:`calibrate_nemo_threshold`).
         pairwise_threshold: max pairwise SSIM above which a seed counts as memorized (default: ``threshold``).
         n_seeds, seed: initial noises ``seed .. seed + n_seeds - 1`` (NeMo: 10 seeds).
-        batch_candidates: candidate masks checked per UNet call (1 = the sequential reference procedure).
-            Default: 16 on CUDA, 1 on the CPU, where the UNet's cost grows with the batch and the checks
-            a batch evaluates after an accepted one are wasted (``benchmarks/nemo_batched.py``: batched
-            checks with prefix replay ran at 0.20x the speed of the reference procedure on the tiny
-            model, 2 cores).
+        batch_candidates: candidate masks checked per UNet call (default 1, the reference's order).
+            Batching did not pay on the tiny model (``benchmarks/nemo_batched.py``, prefix replay in both):
+            on 2 CPU cores the UNet's cost grows with the batch and the checks a batch evaluates after an
+            accepted one are wasted (0.20x the reference procedure's speed); on an H200 batches of 16
+            ran at 1.28x, one check per call at 1.41x. On CUDA, a batch's size also changes the float
+            rounding, so a check near the threshold can flip (5 of 8 captions differed by 1-4 neurons).
         reuse_prefix: reuse the accepted state's forward up to the first changed layer (exact; off: one
             full UNet forward per check, as the reference code).
         stats_cache: folder for the activation statistics (default ``$DORI_CACHE`` or ``~/.cache/dori``).
@@ -114,14 +116,14 @@ class NeMo:
     def __init__(self, layer_group: str = "nemo-value", theta: float = 5.0, theta_step: float = 0.25,
                  theta_min: float = 1.0, k: int = 0, threshold: float = 0.428,
                  pairwise_threshold: float | None = None, n_seeds: int = 10, seed: int = 1,
-                 batch_candidates: int | None = None, reuse_prefix: bool = True,
+                 batch_candidates: int = 1, reuse_prefix: bool = True,
                  stats_cache: str | Path | None = None):
         self.layer_group, self.theta0, self.theta_step, self.theta_min, self.k0 = (
             layer_group, theta, theta_step, theta_min, k)
         self.threshold = threshold
         self.pairwise_threshold = threshold if pairwise_threshold is None else pairwise_threshold
         self.seeds = list(range(seed, seed + n_seeds))
-        self.batch_candidates = None if batch_candidates is None else max(1, batch_candidates)
+        self.batch_candidates = max(1, batch_candidates)
         self.reuse_prefix = reuse_prefix
         self._replay: PrefixReplay | None = None
         self._replay_selection: dict[str, list[int]] | None = None  # the selection of the replay's state
@@ -249,7 +251,6 @@ class NeMo:
 
     def _localize(self, pipe, prompt: str) -> NeMoResult:
         self._calls, self._checks, self._speculative = 0, 0, 0
-        self._batch = self.batch_candidates or (16 if unet_place(pipe)[0].type == "cuda" else 1)
         embeds = encode_prompts(pipe, [prompt])
         vanilla_all = self.noise_diffs(pipe, embeds, self.seeds)[0]
         self._calls += 1
@@ -281,8 +282,8 @@ class NeMo:
                 break
             rounds.append((theta, k))
         selection, signal, refine_thr = None, None, self.threshold
-        for start in range(0, len(rounds), self._batch):
-            batch = rounds[start : start + self._batch]
+        for start in range(0, len(rounds), self.batch_candidates):
+            batch = rounds[start : start + self.batch_candidates]
             cands = [self._initial(acts, th, kk) for th, kk in batch]
             sigs = self._signal(pipe, embeds, vanilla, looked, cands)
             hit = next((j for j, s in enumerate(sigs) if s <= self.threshold), None)
@@ -334,7 +335,7 @@ class NeMo:
         sel = {n: list(v) for n, v in selection.items()}
         i = 0
         while i < len(candidates):
-            batch = candidates[i : i + self._batch]
+            batch = candidates[i : i + self.batch_candidates]
             trials = [_without(sel, c) for c in batch]
             sigs = self._signal(pipe, embeds, vanilla, looked, trials)
             hit = next((j for j, s in enumerate(sigs) if s < thr), None)
