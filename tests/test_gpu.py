@@ -20,7 +20,8 @@ from dori.mitigations.nemo import NeMo
 from dori.mitigations.wanda import Wanda
 from dori.models.generate import generate
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA device: `pytest -m gpu` on a machine with one")]
 MEMORIZED = "chelsea the orange tabby cat looking up"
 
 
