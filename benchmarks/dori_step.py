@@ -1,6 +1,6 @@
 """Cost of one DoRI step relative to a bare UNet forward + backward at the same batch (tiny model).
 
-    python benchmarks/dori_step.py [--targets 4] [--pairs 8] [--steps 20] [--threads 2]
+    python benchmarks/dori_step.py [--targets 4] [--pairs 8] [--steps 20] [--threads 2] [--device cuda]
 
 The bare step is what any embedding attack must pay: one UNet forward at batch targets x pairs, a
 backward to the embedding, an Adam update. DoRI adds the noise/timestep draws, the loss and its traces.
@@ -25,6 +25,8 @@ def bare_steps(pipe, images, prompts, pairs, steps):
     t = torch.randint(0, 1000, (x.shape[0],), device=dev)
     target = training_target(pipe.scheduler, x, torch.randn_like(x), t)  # eps, or v for a v-model
     opt = torch.optim.Adam([y], lr=0.1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = (predict_noise(pipe, x, t, y) - target).pow(2).mean()

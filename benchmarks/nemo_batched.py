@@ -5,11 +5,10 @@
 Three ways to run the same search, per memorized prompt:
 - ``reference``: one full UNet call per candidate check (the reference code's procedure);
 - ``sequential+replay``: one check per call, reusing the accepted state's forward up to the first changed
-  layer (dori's default on the CPU);
-- ``batched+replay``: ``--batch`` checks per UNet call, speculatively, plus the replay (dori's default on
-  CUDA, batch 16).
+  layer (dori's default);
+- ``batched+replay``: ``--batch`` checks per UNet call, speculatively, plus the replay.
 
-Prints UNet calls, seconds and the number of neurons of each, whether every selected neuron set is
+Prints UNet calls, seconds and the number of neurons of each, whether each way's selected neuron set is
 identical to the reference's, and the speed-ups (reference seconds / seconds). First it prints, per
 value layer, the share of a full UNet forward's time spent before that layer is called: an upper bound
 on what a check that changes only that layer can skip (``--prompts 0`` prints only this; the share
@@ -91,9 +90,11 @@ def main():
             print(f"{name:18s} {p[:40]!r}: {res[name].stats.get('unet_calls')} UNet calls, {dt:.1f} s, "
                   f"{len(res[name].mask)} neurons, {res[name].stats.get('replayed_units', 0)} module calls replayed")
         ref = res["reference"].mask
-        same = all(r.mask.counts() == ref.counts() and all(torch.equal(ref.layers[n], r.mask.layers[n])
-                                                           for n in ref.layers) for r in res.values())
-        print(f"  identical neuron sets: {same}")
+        for name, r in res.items():
+            if name != "reference":
+                same = r.mask.counts() == ref.counts() and all(torch.equal(ref.layers[n], r.mask.layers[n])
+                                                               for n in ref.layers)
+                print(f"  {name}: neuron set identical to the reference's: {same}")
     for name in ways if mem else ():
         print(f"speed-up of {name} over the reference: {total['reference'] / total[name]:.2f}x")
 

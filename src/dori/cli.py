@@ -266,8 +266,8 @@ def train_tiny_cmd(
     seed: int = typer.Option(0),
     fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
                                          "reproduce the shipped weights"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N (same random draws; a GPU's weights differ "
-                               "from the CPU's in the last bits)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N (the same random draws; a GPU's float order, "
+                               "so other weights, and not bit-reproducible)"),
 ):
     """Train the embedded tiny model from scratch with the shipped recipe (26-31 min on 2 cores)."""
     from dori.zoo.tiny_data import LAYOUTS

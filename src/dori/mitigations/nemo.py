@@ -27,16 +27,17 @@ threshold almost surely does not suit the model; NeMo warns and records ``signal
 value projections (docs/tiny-model.md).
 
 Speed-up over the reference code (which checks one candidate per UNet call and runs a UNet pass just to
-read text-only activations): candidate checks are batched, many candidate masks in one UNet call, one
+read text-only activations): candidate checks can be batched, many candidate masks in one UNet call, one
 mask per sample (``batch_candidates``; off by default: it did not pay on either device, see its
 argument). The greedy decisions are replayed in order, so the selected set equals the sequential
 procedure's up to float rounding; checks evaluated after an accepted candidate in the same batch are
 recomputed under the new state and counted in ``stats["speculative"]``.
 And every check reuses the accepted state's forward up to the first layer whose mask it changes
 (:class:`dori.models.replay.PrefixReplay`), computing only the rest of the UNet: a check of a late
-layer recomputes little, one of the first layer almost everything. Both keep the selection exact
-(tested against ``batch_candidates=1, reuse_prefix=False``, the reference's one full UNet call per
-check). ``stats["replayed_units"]`` counts the module calls replayed instead of computed.
+layer recomputes little, one of the first layer almost everything. The replay keeps the selection
+exact on every device (on CUDA tested for two captions); batching does so on the CPU only (both tested against ``batch_candidates=1,
+reuse_prefix=False``, the reference's one full UNet call per check). ``stats["replayed_units"]``
+counts the module calls replayed instead of computed.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class NeMo:
         self.threshold = threshold
         self.pairwise_threshold = threshold if pairwise_threshold is None else pairwise_threshold
         self.seeds = list(range(seed, seed + n_seeds))
-        self.batch_candidates = max(1, batch_candidates)
+        self.batch_candidates = max(1, batch_candidates or 1)
         self.reuse_prefix = reuse_prefix
         self._replay: PrefixReplay | None = None
         self._replay_selection: dict[str, list[int]] | None = None  # the selection of the replay's state
@@ -141,7 +142,9 @@ class NeMo:
     def params(self) -> dict:
         return dict(layer_group=self.layer_group, theta=self.theta0, theta_step=self.theta_step,
                     theta_min=self.theta_min, k=self.k0, threshold=self.threshold,
-                    pairwise_threshold=self.pairwise_threshold, seeds=self.seeds, statistics=self.stats_key)
+                    pairwise_threshold=self.pairwise_threshold, seeds=self.seeds, statistics=self.stats_key,
+                    # batching can flip a check near the threshold on CUDA: a batched mask is another mask
+                    **({"batch_candidates": self.batch_candidates} if self.batch_candidates > 1 else {}))
 
     def __repr__(self) -> str:
         return "NeMo(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
@@ -331,7 +334,8 @@ class NeMo:
 
     def _greedy(self, pipe, embeds, vanilla, looked, selection, candidates, thr) -> dict[str, list[int]]:
         """Try removing each candidate (a whole layer if index is None) in order; keep the removal when
-        the signal stays below ``thr``. Batched speculation, replayed in order (exactly sequential)."""
+        the signal stays below ``thr``. Batched speculation, replayed in order (the sequential decisions,
+        up to the float rounding a batch's size changes on CUDA)."""
         sel = {n: list(v) for n, v in selection.items()}
         i = 0
         while i < len(candidates):
