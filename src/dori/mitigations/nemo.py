@@ -35,9 +35,9 @@ recomputed under the new state and counted in ``stats["speculative"]``.
 And every check reuses the accepted state's forward up to the first layer whose mask it changes
 (:class:`dori.models.replay.PrefixReplay`), computing only the rest of the UNet: a check of a late
 layer recomputes little, one of the first layer almost everything. The replay keeps the selection
-exact on every device (on CUDA tested for two captions); batching does so on the CPU only (both tested against ``batch_candidates=1,
-reuse_prefix=False``, the reference's one full UNet call per check). ``stats["replayed_units"]``
-counts the module calls replayed instead of computed.
+exact on every device (on CUDA tested for two captions); batching does so on the CPU only (both
+tested against ``batch_candidates=1, reuse_prefix=False``, the reference's one full UNet call per
+check). ``stats["replayed_units"]`` counts the module calls replayed instead of computed.
 """
 
 from __future__ import annotations
