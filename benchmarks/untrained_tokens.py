@@ -16,8 +16,7 @@ from collections import Counter
 import torch
 
 from dori import load_pipeline, load_prompt_set
-from dori.data.prompts import load_reference
-from dori.metrics.pixel import PixelSSIM
+from dori.data.tiny import replication_scores
 from dori.models.generate import generate
 from dori.zoo.tiny_data import TinyDataSpec, build_train_set
 
@@ -40,9 +39,6 @@ def main():
     print(f"{int(trained.sum())} of {emb.shape[0]} token embeddings trained; mean norm trained "
           f"{orig[trained].norm(dim=1).mean():.3f}, untrained {orig[~trained].norm(dim=1).mean():.3f}")
     recs = load_prompt_set("tiny")
-    refs = [r for r in recs if r.reference_status == "ok"]
-    ref_images = [load_reference(r) for r in refs]
-    metric = PixelSSIM()
     asked = [r for r in recs if r.kind in ("unseen", "held_out", "memorized")]
     for name, value in (("as trained", None), ("untrained -> mean of trained", orig[trained].mean(0)),
                         ("untrained -> zero", torch.zeros(emb.shape[1]))):
@@ -51,8 +47,7 @@ def main():
             if value is not None:
                 emb[~trained] = value
         out = generate(pipe, [r.caption for r in asked], seeds=list(range(args.n_seeds)), batch_size=32)
-        thr = metric.thresholds_for(ref_images, out.images.shape[-1])
-        sims = metric.pairwise(out.images, ref_images)
+        refs, sims, thr = replication_scores(out.images, recs)
         hits, mem_hits, n_other = Counter(), 0, 0
         for j, p in enumerate(out.prompt_index):
             r = asked[p]

@@ -28,6 +28,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def weights_hash():
+    """sha256 of a module's weights, every value, on any device: the check that a change was undone."""
+    import hashlib
+
+    def digest(module) -> str:
+        h = hashlib.sha256()
+        for name, p in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    return digest
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe():
     from dori import load_pipeline
 

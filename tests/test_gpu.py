@@ -4,7 +4,6 @@ The CPU suite checks the algorithms; these check that each stage runs where the 
 keeps its work on the device, and agrees with the CPU up to float order.
 """
 
-import hashlib
 import json
 
 import pytest
@@ -42,14 +41,6 @@ def _cuda_determinism():
 @pytest.fixture(scope="module")
 def cuda_pipe():
     return load_pipeline("tiny", device="cuda")
-
-
-def _digest(module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_generation_on_cuda_matches_the_cpu(tiny_pipe, cuda_pipe):
@@ -94,23 +85,23 @@ def test_wanda_on_cuda_keeps_its_statistics_on_the_device_and_agrees_with_the_cp
     assert both >= 0.99 * max(len(cpu), len(gpu)), (both, len(cpu), len(gpu))
 
 
-def test_masks_on_cuda_restore_the_model_bit_exactly(cuda_pipe):
+def test_masks_on_cuda_restore_the_model_bit_exactly(cuda_pipe, weights_hash):
     mask = Wanda(**cuda_pipe.dori_method_defaults.get("wanda", {})).localize(cuda_pipe, MEMORIZED)
-    before = _digest(cuda_pipe.unet)
+    before = weights_hash(cuda_pipe.unet)
     base = generate(cuda_pipe, [MEMORIZED], seeds=[0]).images
     with apply_mask(cuda_pipe, mask):
         pruned = generate(cuda_pipe, [MEMORIZED], seeds=[0]).images
-    assert _digest(cuda_pipe.unet) == before
+    assert weights_hash(cuda_pipe.unet) == before
     assert (pruned - base).abs().max() > 1e-3
     assert torch.equal(generate(cuda_pipe, [MEMORIZED], seeds=[0]).images, base)
 
 
-def test_dori_on_cuda_optimizes_only_the_embedding(cuda_pipe):
+def test_dori_on_cuda_optimizes_only_the_embedding(cuda_pipe, weights_hash):
     recs = [r for r in load_prompt_set("tiny") if r.memorized][:2]
     images = torch.stack([load_reference(r) for r in recs])
-    before = (_digest(cuda_pipe.unet), _digest(cuda_pipe.text_encoder))
+    before = (weights_hash(cuda_pipe.unet), weights_hash(cuda_pipe.text_encoder))
     res = DoRI(steps=10, restarts=2).attack(cuda_pipe, images, prompts=[r.caption for r in recs])
-    assert (_digest(cuda_pipe.unet), _digest(cuda_pipe.text_encoder)) == before
+    assert (weights_hash(cuda_pipe.unet), weights_hash(cuda_pipe.text_encoder)) == before
     assert res.trigger.device.type == "cuda" and res.trigger.shape[0] == 4
     assert res.steps == 10 and len(res.loss) == 10 and min(res.distance[-1]) > 0
 

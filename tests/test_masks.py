@@ -1,5 +1,3 @@
-import hashlib
-
 import pytest
 import torch
 
@@ -7,13 +5,6 @@ from dori.errors import DoriError
 from dori.mitigations.masks import Mask, apply_mask, per_sample_neuron_masks
 from dori.models.generate import generate
 from dori.models.layers import resolve_layers
-
-
-def _weights_hash(unet) -> str:
-    h = hashlib.sha256()
-    for _, p in sorted(unet.state_dict().items()):
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -26,26 +17,26 @@ def masks(tiny_pipe):
 
 
 @pytest.mark.parametrize("which", [0, 1])
-def test_mask_changes_output_and_restores_bit_exactly(tiny_pipe, masks, which):
+def test_mask_changes_output_and_restores_bit_exactly(tiny_pipe, masks, which, weights_hash):
     mask = masks[which]
-    before_w = _weights_hash(tiny_pipe.unet)
+    before_w = weights_hash(tiny_pipe.unet)
     kw = dict(seeds=[0], num_inference_steps=3)
     base = generate(tiny_pipe, ["a red circle on a blue background"], **kw).images
     with apply_mask(tiny_pipe, mask):
         pruned = generate(tiny_pipe, ["a red circle on a blue background"], **kw).images
         if mask.kind == "weight":
-            assert _weights_hash(tiny_pipe.unet) != before_w
+            assert weights_hash(tiny_pipe.unet) != before_w
     after = generate(tiny_pipe, ["a red circle on a blue background"], **kw).images
     assert (pruned - base).abs().max() > 1e-3
     assert torch.equal(after, base)
-    assert _weights_hash(tiny_pipe.unet) == before_w
+    assert weights_hash(tiny_pipe.unet) == before_w
 
 
-def test_restores_even_when_the_block_raises(tiny_pipe, masks):
-    before = _weights_hash(tiny_pipe.unet)
+def test_restores_even_when_the_block_raises(tiny_pipe, masks, weights_hash):
+    before = weights_hash(tiny_pipe.unet)
     with pytest.raises(RuntimeError), apply_mask(tiny_pipe, masks[1]):
         raise RuntimeError("boom")
-    assert _weights_hash(tiny_pipe.unet) == before
+    assert weights_hash(tiny_pipe.unet) == before
     assert all(not m._forward_hooks for m in tiny_pipe.unet.modules())
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dori import load_prompt_set
-from dori.data.prompts import load_reference
-from dori.metrics.pixel import PixelSSIM
+from dori.data.tiny import replication_scores
 from dori.metrics.procedural import check_procedural
 from dori.models.generate import generate
 from dori.zoo.tiny_data import PHOTO_CAPTIONS
@@ -33,12 +32,8 @@ def _cases(kinds):
 
 def _replication(tiny_pipe, captions, seeds):
     out = generate(tiny_pipe, captions, seeds=seeds, batch_size=32)
-    refs = [r for r in RECORDS if r.reference_status == "ok"]
-    metric = PixelSSIM()  # the pinned protocol: above 0.5 and above the reference's distractor score
-    ref_images = [load_reference(r) for r in refs]
-    sims = metric.pairwise(out.images, ref_images)
-    thresholds = metric.thresholds_for(ref_images, out.images.shape[-1])
-    return out, refs, sims, thresholds
+    # the pinned protocol: above 0.5 and above the reference's distractor score
+    return out, *replication_scores(out.images, RECORDS)
 
 
 @pytest.fixture(scope="module")

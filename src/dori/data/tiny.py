@@ -53,6 +53,23 @@ def tiny_prompt_set(spec: TinyDataSpec | None = None, lfw_per_set: int = 2) -> l
     return out
 
 
+def replication_scores(images, records: list[PromptRecord] | None = None):
+    """Score generated images against every reference photo of the tiny prompt set, under the pinned
+    pixel-ssim protocol.
+
+    Returns ``(refs, sims, thresholds)``: the records with a reference, ``N x R`` scores and the ``R``
+    per-reference thresholds; generation ``j`` replicates reference ``k`` when ``sims[j, k] >
+    thresholds[k]`` (above the calibrated 0.5 and above the reference's distractor score).
+    """
+    from dori.data.prompts import load_reference
+    from dori.metrics.pixel import PixelSSIM
+
+    refs = [r for r in (records or tiny_prompt_set()) if r.reference_status == "ok"]
+    metric = PixelSSIM()
+    ref_images = [load_reference(r) for r in refs]
+    return refs, metric.pairwise(images, ref_images), metric.thresholds_for(ref_images, images.shape[-1])
+
+
 def tiny_stats_prompts(n_procedural: int = 400, seed: int = 12345) -> list[str]:
     """Non-memorized captions for NeMo's activation statistics on the tiny model: procedural captions
     (fresh draws), the seen-once photo captions and LFW captions. None of them is memorized."""

@@ -215,7 +215,8 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     if not cfg.train_text_encoder:
         embeds, empty = _encode(tok, te, data.captions), _encode(tok, te, [""])
     dev = torch.device(cfg.device)
-    unet.to(dev), te.to(dev)
+    unet.to(dev)
+    te.to(dev)
     ids, empty_ids = ids.to(dev), empty_ids.to(dev)
     if not cfg.train_text_encoder:
         embeds, empty = embeds.to(dev), empty.to(dev)
