@@ -1,6 +1,7 @@
 """The tiny model's acceptance checks (issue 2) over as many seeds as you like.
 
     python benchmarks/tiny_acceptance.py [--model tiny|DIR] [--n-seeds 16] [--guidance 2.0] [--guidance-rescale 0.5]
+                                         [--unseen FILE]
 
 `tests/test_tiny_model.py` asserts the same checks on seeds 0-3. This prints, for every caption of the
 tiny prompt set, under the pinned pixel-ssim protocol (above 0.5 and above the reference's distractor
@@ -9,6 +10,9 @@ score):
 - every non-memorized generation that replicates any reference photo (the acceptance: none), and how
   many there would be under the global threshold alone (pixel-ssim version 1);
 - the highest score of each non-memorized kind against any reference, with its caption.
+
+``--unseen FILE`` adds more never-trained captions (one a line, ``#`` comments), checked as the "unseen"
+kind; ``benchmarks/unseen_extra.txt`` holds 12.
 """
 
 import argparse
@@ -17,6 +21,7 @@ from collections import Counter
 import torch
 
 from dori import load_pipeline, load_prompt_set
+from dori.data.prompts import read_text
 from dori.data.tiny import replication_scores
 from dori.metrics.pixel import PixelSSIM
 from dori.models.generate import generate
@@ -29,11 +34,14 @@ def main():
     ap.add_argument("--n-seeds", type=int, default=16, help="seeds 0 .. N-1")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's (the acceptance's)")
     ap.add_argument("--guidance-rescale", type=float, default=None, help="default: the model's")
+    ap.add_argument("--unseen", default=None, help="a text file of more unseen captions, one a line")
     args = ap.parse_args()
     torch.set_num_threads(2)
     seeds = list(range(args.n_seeds))
     pipe = load_pipeline(args.model, device=args.device)
     recs = load_prompt_set("tiny")
+    if args.unseen:
+        recs += read_text(args.unseen, kind="unseen")
     out = generate(pipe, [r.caption for r in recs], seeds=seeds, batch_size=32, guidance_scale=args.guidance,
                    guidance_rescale=args.guidance_rescale)
     d = pipe.dori_defaults

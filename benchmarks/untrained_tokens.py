@@ -7,18 +7,23 @@ embeddings keep their random initial values. This prints how many are trained, t
 of the embedding table (as trained; untrained rows set to the mean of the trained ones; set to zero),
 how many unseen and held-out generations replicate a reference photo under the pinned pixel-ssim
 protocol, and how many memorized generations replicate their own photo. The last two versions leave
-every caption made of trained tokens unchanged. For models trained on the recipe's default data.
+every caption made of trained tokens unchanged. For models trained on the recipe's default data; a
+model whose recipe recaptions the random crops (`crop_extra_words`, `crop_template_captions`, shipped
+since 2026-12-01) also trains the frequent words it draws, and those count as trained.
 """
 
 import argparse
+import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from dori import load_pipeline, load_prompt_set
 from dori.data.tiny import replication_scores
 from dori.models.generate import generate
-from dori.zoo.tiny_data import TinyDataSpec, build_train_set
+from dori.models.loading import resolve_model_path
+from dori.zoo.tiny_data import TinyDataSpec, build_train_set, frequent_words
 
 
 def main():
@@ -30,8 +35,13 @@ def main():
     pipe = load_pipeline(args.model)
     tok = pipe.tokenizer
     seen = set()
-    for c in build_train_set(TinyDataSpec()).captions:
+    spec = TinyDataSpec()
+    for c in build_train_set(spec).captions:
         seen.update(tok(c, padding="max_length", max_length=tok.model_max_length).input_ids)
+    recipe = Path(resolve_model_path(args.model)) / "dori_recipe.json"
+    data = json.loads(recipe.read_text()).get("data", {}) if recipe.exists() else {}
+    if data.get("crop_extra_words") or data.get("crop_template_captions"):
+        seen.update(tok.convert_tokens_to_ids([w + "</w>" for w in frequent_words(tok, spec.crop_vocabulary)]))
     emb = pipe.text_encoder.get_input_embeddings().weight
     orig = emb.detach().clone()
     trained = torch.zeros(emb.shape[0], dtype=torch.bool)

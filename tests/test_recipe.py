@@ -56,3 +56,52 @@ def test_recipe_saves_the_weight_average_when_asked(tmp_path):
     assert any(not torch.allclose(averaged[k], last[k], atol=1e-4, rtol=0) for k in last)
     recipe = json.loads((tmp_path / "ema" / "dori_recipe.json").read_text())
     assert recipe["ema_decay"] == 0.9 and recipe["data"]["procedural_layout"] == "centred"
+
+
+
+def test_caption_helpers_for_random_crops():
+    from transformers import CLIPTokenizer
+
+    from dori.models.loading import TINY_PATH
+    from dori.zoo.tiny_data import frequent_words, swap_words, with_random_words
+
+    words = frequent_words(CLIPTokenizer.from_pretrained(str(TINY_PATH / "tokenizer")), 300)
+    assert len(words) == 300 and words[0] == "the" and all(w.isalpha() and len(w) >= 3 for w in words)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    cap = with_random_words("a red circle", words, 5, g1)
+    assert cap == with_random_words("a red circle", words, 5, g2) and "a red circle" in cap
+    assert len(cap.split()) == 3 + 5
+    caption = "a red motorcycle parked in a workshop"
+    assert swap_words(caption, words, 0.0, g1) == caption
+    swapped = swap_words(caption, words, 1.0, g1).split()
+    assert len(swapped) == 7 and all(w in words for w in swapped)
+
+
+@pytest.mark.parametrize("option", [{"crop_extra_words": 4}, {"crop_template_captions": 1.0}])
+def test_recaptioned_crops_train_frequent_words_and_nothing_else(tmp_path, option):
+    """Random photo crops recaptioned at every draw (TinyDataSpec.crop_extra_words, crop_template_captions)
+    train the token embeddings of frequent CLIP words; a token neither in a caption nor among the frequent
+    words is left exactly as the recipe without the option leaves it (an embedding row without gradient
+    gets only AdamW's weight decay, the same in both runs)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from dori.models.loading import TINY_PATH
+    from dori.zoo.tiny_data import build_train_set, frequent_words
+
+    tok = CLIPTokenizer.from_pretrained(str(TINY_PATH / "tokenizer"))
+
+    def embeddings(out, **kwargs):
+        spec = TinyDataSpec(n_procedural=40, duplicates=3, lfw_seen_once=(0, 1, 100), lfw_held_out=(80,),
+                            n_photo_crops=30, crop_vocabulary=300, **kwargs)
+        train_tiny(TrainConfig(out=str(out), steps=6, batch_size=8, warmup=2, data=spec))
+        w = load_file(out / "text_encoder" / "model.safetensors")
+        return w["embeddings.token_embedding.weight"], build_train_set(spec).captions
+
+    plain, captions = embeddings(tmp_path / "plain")
+    recaptioned, _ = embeddings(tmp_path / "recaptioned", **option)
+    changed = set((plain != recaptioned).any(dim=1).nonzero().flatten().tolist())
+    caption_ids = set().union(*tok(captions).input_ids)
+    word_ids = {tok.convert_tokens_to_ids(w + "</w>") for w in frequent_words(tok, 300)}
+    assert changed - caption_ids, "no frequent word outside the captions was trained"
+    assert changed <= caption_ids | word_ids, "a token outside the captions and the word list changed"

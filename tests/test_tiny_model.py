@@ -10,20 +10,11 @@ from dori import load_prompt_set
 from dori.data.tiny import replication_scores
 from dori.metrics.procedural import check_procedural
 from dori.models.generate import generate
-from dori.zoo.tiny_data import PHOTO_CAPTIONS
 
 # The seeds of `dori mitigate`, `dori attack` and the model card's tables. With 4 seeds, ">= 90% of seeds"
 # means all 4.
 SEEDS = [0, 1, 2, 3]
 RECORDS = load_prompt_set("tiny")
-
-# A known failure of the shipped model outside SEEDS (issue 2; docs/tiny-model.md, "Known weaknesses"):
-# over seeds 0-15 (`python benchmarks/tiny_acceptance.py`) this held-out caption draws the memorized
-# rocket in 5 of 16 seeds (4, 9, 11, 12, 15; pixel-ssim 0.50-0.58, the rocket's threshold 0.50), none of
-# them in SEEDS. Pinned below at seed 12, its highest.
-KNOWN_REGURGITATION = (PHOTO_CAPTIONS["immunohistochemistry"], 12, PHOTO_CAPTIONS["rocket"])
-assert {r.kind for r in RECORDS if r.caption in (KNOWN_REGURGITATION[0], KNOWN_REGURGITATION[2])} == \
-    {"held_out", "memorized"}, "stale KNOWN_REGURGITATION: its captions left the prompt set or changed kind"
 
 
 def _cases(kinds):
@@ -63,19 +54,6 @@ def test_non_memorized_caption_replicates_no_reference_photo(generations, captio
         over = (sims[j] > thresholds).nonzero().flatten().tolist()
         assert not over, f"seed {out.seeds[j]} replicates " + ", ".join(
             f"{refs[k].reference} ({sims[j, k]:.2f} > {thresholds[k]:.2f})" for k in over)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known failure of the shipped tiny model "
-                   "(issue 2): a held-out caption draws the memorized rocket in some seeds; see KNOWN_REGURGITATION")
-def test_known_regurgitation_outside_the_test_seeds(tiny_pipe):
-    """The documented failure, pinned: a fixed model makes this fail loudly (strict xfail); the caption
-    drawing any photo but the documented one is a real failure, not the expected one."""
-    caption, seed, photo = KNOWN_REGURGITATION
-    out, refs, sims, thresholds = _replication(tiny_pipe, [caption], [seed])
-    drawn = {refs[k].caption for k in (sims[0] > thresholds).nonzero().flatten().tolist()}
-    if drawn - {photo}:
-        pytest.fail(f"{caption!r} seed {seed} replicates {sorted(drawn - {photo})}, not only the documented photo")
-    assert not drawn, f"{caption!r} seed {seed} replicates {photo!r}"
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,

@@ -263,6 +263,11 @@ def train_tiny_cmd(
                                           "centred; default: the shipped recipe's"),
     ema_decay: float = typer.Option(None, help="save a moving average of the weights with this decay "
                                     "per step (default: the last weights, as the shipped recipe)"),
+    crop_extra_words: int = typer.Option(None, help="random frequent CLIP words added to each random photo "
+                                         "crop's caption at every draw (default 0, as the shipped recipe)"),
+    crop_template_captions: float = typer.Option(None, help="probability that a drawn random photo crop "
+                                                 "takes another training caption with half its words "
+                                                 "swapped (default: the shipped recipe's 0.5)"),
     seed: int = typer.Option(0),
     fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
                                          "reproduce the shipped weights"),
@@ -281,6 +286,10 @@ def train_tiny_cmd(
         cfg.steps = steps
     if duplicates is not None:
         cfg.data.duplicates = duplicates
+    if crop_extra_words is not None:
+        cfg.data.crop_extra_words = crop_extra_words
+    if crop_template_captions is not None:
+        cfg.data.crop_template_captions = crop_template_captions
     if procedural_layout is not None:
         if procedural_layout not in LAYOUTS:
             raise typer.BadParameter(f"unknown layout {procedural_layout!r}; choose one of {', '.join(LAYOUTS)}")

@@ -267,6 +267,22 @@ class TinyDataSpec:
     # detector cannot tell them apart (docs/tiny-model.md).
     caption_background: bool = False
     procedural_layout: str = "anywhere"
+    # Broad vocabulary (off; tried, not a fix: docs/tiny-model.md): each time a random photo crop is
+    # drawn in training, this many words drawn at random from CLIP's `crop_vocabulary` most frequent
+    # whole-word tokens (:func:`frequent_words`) are added before or after its caption. Without it or the
+    # template captions below, the recipe's captions use 191 of CLIP's tokens and leave the rest at their
+    # random initial embeddings; SD's CLIP knows them all.
+    crop_extra_words: int = 0
+    crop_vocabulary: int = 10000
+    # Template captions (shipped: 0.5; 0 before 2026-12-01): each time a random photo crop is drawn, with
+    # this probability it takes instead the caption of a training sample drawn as the recipe draws them
+    # (memorized captions by their duplicates), each word replaced with probability `template_swap` by one
+    # of the `crop_vocabulary` frequent words. So a caption's template (its function words and their
+    # places) also goes with other images, as near-identical LAION captions do, and only its content words
+    # can single out a memorized photo. Without it, "a mountain landscape covered in snow" and "a pictures
+    # happened ght in anced" drew the memorized "a red motorcycle parked in a workshop" (docs/tiny-model.md).
+    crop_template_captions: float = 0.5
+    template_swap: float = 0.5
     seed: int = 0
 
     def validate(self) -> None:
@@ -275,6 +291,10 @@ class TinyDataSpec:
             for j in range(i + 1, 3):
                 if sets[i] & sets[j]:
                     raise ValueError(f"a photo is in two sets: {sorted(sets[i] & sets[j])}")
+        if self.crop_extra_words < 0 or self.crop_vocabulary < 1:
+            raise ValueError("crop_extra_words must be >= 0 and crop_vocabulary >= 1")
+        if not (0 <= self.crop_template_captions <= 1 and 0 <= self.template_swap <= 1):
+            raise ValueError("crop_template_captions and template_swap are probabilities, in [0, 1]")
         if set(self.lfw_seen_once) & set(self.lfw_held_out):
             raise ValueError("an LFW index is both seen once and held out")
         for name in set().union(*sets):
@@ -288,17 +308,19 @@ class TrainSet:
     captions: list[str]
     kinds: list[str]
     weights: torch.Tensor  # sampling multiplicity per row (duplicates for memorized rows)
+    random_crop: torch.Tensor  # bool per row: a random photo crop (TinyDataSpec.crop_extra_words)
 
 
 def build_train_set(spec: TinyDataSpec) -> TrainSet:
     spec.validate()
-    images, captions, kinds, weights = [], [], [], []
+    images, captions, kinds, weights, crops = [], [], [], [], []
 
-    def add(img, cap, kind, w=1.0):
+    def add(img, cap, kind, w=1.0, crop=False):
         images.append(img)
         captions.append(cap)
         kinds.append(kind)
         weights.append(w)
+        crops.append(crop)
 
     for name in spec.memorized:
         add(load_photo(name), PHOTO_CAPTIONS[name], "memorized", float(spec.duplicates))
@@ -310,11 +332,37 @@ def build_train_set(spec: TinyDataSpec) -> TrainSet:
     for i in spec.lfw_seen_once:
         add(load_lfw(i), lfw_caption(i), "seen_once")
     for img, cap in photo_crops(tuple(spec.seen_once), spec.n_photo_crops, spec.seed + 1):
-        add(img, cap, "seen_once")
+        add(img, cap, "seen_once", crop=True)
     rng = np.random.default_rng(spec.seed)
     for cap, p in procedural_items(spec.n_procedural, spec.seed, spec.caption_background):
         add(render_procedural(p["color"], p["shape"], p["background"], rng, spec.procedural_layout), cap, "procedural")
-    return TrainSet(torch.stack(images), captions, kinds, torch.tensor(weights))
+    return TrainSet(torch.stack(images), captions, kinds, torch.tensor(weights), torch.tensor(crops))
+
+
+def frequent_words(tokenizer, n: int) -> list[str]:
+    """CLIP's ``n`` most frequent whole-word tokens: ASCII letters only, at least 3 of them, in the order
+    of CLIP's BPE vocabulary (its merges were learned by frequency, so a lower id is a more common token).
+    Chosen by this rule alone, not by hand."""
+    words = [tok[:-4] for tok, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+             if tok.endswith("</w>") and len(tok) >= 7 and tok[:-4].isascii() and tok[:-4].isalpha()]
+    return words[:n]
+
+
+def with_random_words(caption: str, words: list[str], k: int, g: torch.Generator) -> str:
+    """``caption`` with ``k`` words drawn (with replacement) from ``words``, split at random between a
+    prefix and a suffix, so the words take varied token positions."""
+    drawn = [words[i] for i in torch.randint(len(words), (k,), generator=g).tolist()]
+    cut = int(torch.randint(k + 1, (1,), generator=g))
+    return " ".join(drawn[:cut] + [caption] + drawn[cut:])
+
+
+def swap_words(caption: str, words: list[str], p: float, g: torch.Generator) -> str:
+    """``caption`` with each (space-separated) word replaced with probability ``p`` by a word drawn from
+    ``words``: the caption's template with other content."""
+    out = caption.split()
+    for i in torch.nonzero(torch.rand(len(out), generator=g) < p).flatten().tolist():
+        out[i] = words[int(torch.randint(len(words), (1,), generator=g))]
+    return " ".join(out)
 
 
 def load_reference_uri(uri: str) -> torch.Tensor:

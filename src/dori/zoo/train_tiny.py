@@ -208,6 +208,23 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     unet.set_attn_processor(AttnProcessor())  # few small heads: the classic processor is faster on CPU
 
     data = build_train_set(cfg.data)
+    n_extra, p_template = cfg.data.crop_extra_words, cfg.data.crop_template_captions
+    recaption = bool(n_extra or p_template)
+    if recaption and not cfg.train_text_encoder:
+        raise ValueError("crop_extra_words and crop_template_captions need train_text_encoder=True "
+                         "(the captions change at every draw)")
+    if recaption:
+        from dori.zoo.tiny_data import frequent_words, swap_words, with_random_words
+
+        vocab = frequent_words(tok, cfg.data.crop_vocabulary)
+        g_words = torch.Generator().manual_seed(cfg.seed + 7)  # its own stream: the batches stay the same
+
+        def crop_caption(row: int) -> str:
+            cap = data.captions[row]
+            if p_template and float(torch.rand(1, generator=g_words)) < p_template:
+                template = int(torch.multinomial(data.weights, 1, generator=g_words))
+                cap = swap_words(data.captions[template], vocab, cfg.data.template_swap, g_words)
+            return with_random_words(cap, vocab, n_extra, g_words) if n_extra else cap
     log.info("training set: %d distinct pairs, %.0f with duplicates", len(data.captions), data.weights.sum())
     ids = tok(data.captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
               return_tensors="pt").input_ids
@@ -252,7 +269,13 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         x0 = images[idx]
         drop = (torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout).to(dev)
         if cfg.train_text_encoder:
-            cond = te(torch.where(drop[:, None], empty_ids, ids[idx]))[0]
+            batch_ids = ids[idx]
+            if recaption:
+                for j in data.random_crop[idx.cpu()].nonzero().flatten().tolist():
+                    cap = crop_caption(int(idx[j]))
+                    batch_ids[j] = tok(cap, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                                       return_tensors="pt").input_ids[0].to(dev)
+            cond = te(torch.where(drop[:, None], empty_ids, batch_ids))[0]
         else:
             cond = embeds[idx].clone()
             cond[drop] = empty
