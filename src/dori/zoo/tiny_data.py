@@ -308,7 +308,7 @@ class TrainSet:
     captions: list[str]
     kinds: list[str]
     weights: torch.Tensor  # sampling multiplicity per row (duplicates for memorized rows)
-    random_crop: torch.Tensor  # bool per row: a random photo crop (TinyDataSpec.crop_extra_words)
+    random_crop: torch.Tensor  # bool per row: a random photo crop, recaptioned at each draw if the spec says so
 
 
 def build_train_set(spec: TinyDataSpec) -> TrainSet:

@@ -73,8 +73,10 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-# Per-model settings of the methods, written to dori_defaults.json ("methods"), measured on the shipped
-# weights (docs/tiny-model.md; re-measure them for a model trained differently):
+# Per-model settings of the methods, written to dori_defaults.json ("methods"), chosen on the weights
+# shipped until 2026-11-30 by the measurements below (docs/tiny-model.md; re-measure them for a model
+# trained differently). On the weights shipped since 2026-12-01 (template captions) they were checked, not
+# re-chosen: NeMo MR 1.00 -> 0.00 (signal floor 0.24-0.43), Wanda 1.00 -> 0.06.
 # - NeMo: all 10 value projections (SD's 7 down/mid ones hold SD's memorized images; here the up blocks
 #   also carry the astronaut: MR 1.00 with the 4 down/mid ones off, 0.00 with all 10), threshold 0.5
 #   (NeMo: 0.428 on SD v1.4; the floor with all 10 off is 0.27-0.50 here), a pairwise threshold of 0.3
