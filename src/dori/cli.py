@@ -274,7 +274,7 @@ def train_tiny_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N (the same random draws; a GPU's float order, "
                                "so other weights, and not bit-reproducible)"),
 ):
-    """Train the embedded tiny model from scratch with the shipped recipe (20-21 min on 2 cores; the previous recipe 22-31)."""
+    """Train the embedded tiny model from scratch with the shipped recipe (20-21 min on 2 cores)."""
     from dori.zoo.tiny_data import LAYOUTS
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 

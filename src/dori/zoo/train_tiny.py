@@ -173,14 +173,16 @@ def scheduler_config(latent_scale: float = 1.0, prediction_type: str = "v_predic
     return {**cfg, "thresholding": False, "clip_sample": True, "clip_sample_range": latent_scale}
 
 
+def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length, as SD pads its prompts."""
+    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def _encode(tokenizer, text_encoder, captions: list[str], chunk: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(captions), chunk):
-        ids = tokenizer(captions[i : i + chunk], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
+    return torch.cat([text_encoder(_token_ids(tokenizer, captions[i : i + chunk]))[0]
+                      for i in range(0, len(captions), chunk)])
 
 
 def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Path:
@@ -228,9 +230,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
                 cap = swap_words(data.captions[template], vocab, cfg.data.template_swap, g_words)
             return with_random_words(cap, vocab, n_extra, g_words) if n_extra else cap
     log.info("training set: %d distinct pairs, %.0f with duplicates", len(data.captions), data.weights.sum())
-    ids = tok(data.captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
-              return_tensors="pt").input_ids
-    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    ids, empty_ids = _token_ids(tok, data.captions), _token_ids(tok, [""])
     if not cfg.train_text_encoder:
         embeds, empty = _encode(tok, te, data.captions), _encode(tok, te, [""])
     dev = torch.device(cfg.device)
@@ -272,11 +272,10 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         drop = (torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout).to(dev)
         if cfg.train_text_encoder:
             batch_ids = ids[idx]
-            if recaption:
-                for j in data.random_crop[idx.cpu()].nonzero().flatten().tolist():
-                    cap = crop_caption(int(idx[j]))
-                    batch_ids[j] = tok(cap, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                                       return_tensors="pt").input_ids[0].to(dev)
+            rows = data.random_crop[idx.cpu()].nonzero().flatten() if recaption else []
+            if len(rows):
+                caps = [crop_caption(int(idx[j])) for j in rows.tolist()]
+                batch_ids[rows.to(dev)] = _token_ids(tok, caps).to(dev)
             cond = te(torch.where(drop[:, None], empty_ids, batch_ids))[0]
         else:
             cond = embeds[idx].clone()
