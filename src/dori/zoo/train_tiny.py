@@ -84,13 +84,14 @@ SCHEDULER_CONFIG = dict(
 #   lowered from 1 to 0 (the reference's `--min_theta`): at 1 the search ends above the threshold for
 #   the cameraman (signal 0.62, MR 1.00 after refinement) though its floor is 0.42; at 0 it reaches 0.46
 #   (MR 0.00). Prompts that reach the threshold earlier are not affected.
-# - Wanda: the reference's layers (the second FFN linear of every block), 20% of each row: 1% leaves
-#   MR 1.00 on this model, 10% 0.28, 20% 0.09; the value projections at 20-50% reach a similar MR (0.09-0.12) but
-#   change non-memorized generations twice as much (pixel-ssim to unmitigated 0.35-0.42 under the joint
-#   mask, against 0.66).
+# - Wanda: the reference's layers (the second FFN linear of every block), 10% of each row, the smallest
+#   sparsity of the sweep that brings MR to about 0.1 (`benchmarks/wanda_sweep.py ffn-out:0.01 ffn-out:0.1
+#   ffn-out:0.2` on the shipped weights: 1.00 / 0.09 / 0.06; on the weights shipped until 2026-11-30 the
+#   same rule picked 20%: 1.00 / 0.28 / 0.09). The value projections at 20-50% reach a similar MR but change
+#   non-memorized generations about twice as much (docs/mitigations.md).
 METHOD_DEFAULTS = {
     "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3, "theta_min": 0.0},
-    "wanda": {"layer_group": "ffn-out", "sparsity": 0.2},
+    "wanda": {"layer_group": "ffn-out", "sparsity": 0.1},
 }
 
 
