@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The recipe's spread over training seeds: train the tiny model once per seed, then print each model's
-# acceptance checks (benchmarks/tiny_acceptance.py) and procedural check.
+# acceptance checks (benchmarks/tiny_acceptance.py, with the extra unseen captions of unseen_extra.txt),
+# template probe (benchmarks/template_probe.py) and procedural check.
 #
 #     bash benchmarks/recipe_seeds.sh OUT DEVICE "TRAIN-TINY OPTIONS" SEED...
 #     bash benchmarks/recipe_seeds.sh /tmp/seeds cuda "" 0 1 2 3
@@ -28,7 +29,9 @@ wait
 check() {
   echo "=== seed $1 ($opts): $(grep -o '"train_seconds": [0-9.]*' "$out/seed$1/dori_recipe.json") \
 $(grep -o '"final_loss_ema": [0-9.]*' "$out/seed$1/dori_recipe.json")"
-  python3 benchmarks/tiny_acceptance.py --model "$out/seed$1" --device "$device" --n-seeds "${N_SEEDS:-16}"
+  python3 benchmarks/tiny_acceptance.py --model "$out/seed$1" --device "$device" --n-seeds "${N_SEEDS:-16}" \
+    --unseen benchmarks/unseen_extra.txt
+  python3 benchmarks/template_probe.py --model "$out/seed$1" --device "$device"
   python3 benchmarks/procedural_conditioning.py --model "$out/seed$1" --device "$device" \
     --n-seeds "${N_SEEDS:-8}" | tail -3
 }
