@@ -87,7 +87,7 @@ SCHEDULER_CONFIG = dict(
 # - Wanda: the reference's layers (the second FFN linear of every block), 10% of each row, the smallest
 #   sparsity of the sweep that brings MR to about 0.1 (`benchmarks/wanda_sweep.py ffn-out:0.01 ffn-out:0.1
 #   ffn-out:0.2` on the shipped weights: 1.00 / 0.09 / 0.06; on the weights shipped until 2026-11-30 the
-#   same rule picked 20%: 1.00 / 0.28 / 0.09). The value projections at 20-50% reach a similar MR but change
+#   same rule picked 20%: 1.00 / 0.16 / 0.09). The value projections at 20-50% reach a similar MR but change
 #   non-memorized generations about twice as much (docs/mitigations.md).
 METHOD_DEFAULTS = {
     "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3, "theta_min": 0.0},
