@@ -41,7 +41,8 @@ def main():
     recipe = Path(resolve_model_path(args.model)) / "dori_recipe.json"
     data = json.loads(recipe.read_text()).get("data", {}) if recipe.exists() else {}
     if data.get("crop_extra_words") or data.get("crop_template_captions"):
-        seen.update(tok.convert_tokens_to_ids([w + "</w>" for w in frequent_words(tok, spec.crop_vocabulary)]))
+        vocab = frequent_words(tok, data.get("crop_vocabulary", spec.crop_vocabulary))  # as the recipe drew them
+        seen.update(tok.convert_tokens_to_ids([w + "</w>" for w in vocab]))
     emb = pipe.text_encoder.get_input_embeddings().weight
     orig = emb.detach().clone()
     trained = torch.zeros(emb.shape[0], dtype=torch.bool)

@@ -58,7 +58,6 @@ def test_recipe_saves_the_weight_average_when_asked(tmp_path):
     assert recipe["ema_decay"] == 0.9 and recipe["data"]["procedural_layout"] == "centred"
 
 
-
 def test_caption_helpers_for_random_crops():
     from transformers import CLIPTokenizer
 
