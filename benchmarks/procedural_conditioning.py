@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from dori import load_pipeline, load_prompt_set
@@ -47,10 +48,37 @@ def fresh_items(n: int, seed: int, layout: str):
     return items, images
 
 
-def check_accuracy(layout: str, n: int = 600) -> tuple[float, float]:
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur (separable, 7 taps, edges replicated) of ``N x 3 x H x W`` images."""
+    if sigma == 0:
+        return images
+    k = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).repeat(3, 1, 1, 1)
+    x = F.conv2d(F.pad(images, (3, 3, 0, 0), mode="replicate"), k.view(3, 1, 1, 7), groups=3)
+    return F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.view(3, 1, 7, 1), groups=3)
+
+
+def fill_ratio_shape(image: torch.Tensor) -> str | None:
+    """The check's shape rule until 2026-12-01, for comparison: the foreground's bounding-box fill."""
+    bg = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
+    mask = ((image - bg.view(3, 1, 1)) ** 2).sum(0).sqrt() > 0.3
+    if mask.sum() < 12:
+        return None
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    fill = float(mask.sum()) / ((int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1))
+    return min({"square": 1.0, "circle": 0.785, "triangle": 0.5}.items(), key=lambda kv: abs(kv[1] - fill))[0]
+
+
+def check_accuracy(layout: str, n: int = 600) -> None:
     items, images = fresh_items(n, 11, layout)
-    found = [check_procedural(img, p["color"], p["shape"]) for img, (_, p) in zip(images, items, strict=True)]
-    return sum(f["color_ok"] for f in found) / n, sum(f["shape_ok"] for f in found) / n
+    print(f"check on {n} rendered training-like images ({layout} layout), blurred to mimic soft generations:")
+    print("  blur sigma (px)  colour  shape  shape by the old fill-ratio rule")
+    for sigma in (0.0, 1.0, 1.5, 2.0):
+        imgs = blur(images, sigma)
+        found = [check_procedural(img, p["color"], p["shape"]) for img, (_, p) in zip(imgs, items, strict=True)]
+        old = sum(fill_ratio_shape(img) == p["shape"] for img, (_, p) in zip(imgs, items, strict=True))
+        print(f"  {sigma:>15.1f}  {sum(f['color_ok'] for f in found) / n:>6.2f}  "
+              f"{sum(f['shape_ok'] for f in found) / n:>5.2f}  {old / n:>5.2f}")
 
 
 @torch.no_grad()
@@ -97,17 +125,30 @@ def generation_checks(pipe, guidance: list[float], seeds: list[int], rescale: fl
     for gs in guidance:
         out = generate(pipe, [r.caption for r in recs], seeds=seeds, guidance_scale=gs, guidance_rescale=rescale,
                        batch_size=32)
-        found, hits = [], []
+        found, named, hits = [], [], []
         for j, p in enumerate(out.prompt_index):
             r = recs[p]
             if r.kind == "procedural":
                 found.append(check_procedural(out.images[j], **r.meta))
+                named.append(r.meta["shape"])
             else:
                 ref = load_reference(r)
                 hits.append(bool(metric.replicated(metric.score(out.images[j : j + 1], ref), ref)[0]))
         rate = {k: sum(f[k] for f in found) / len(found) for k in ("color_ok", "shape_ok", "ok")}
         print(f"{gs:>8.1f}  {rate['color_ok']:>6.2f}  {rate['shape_ok']:>5.2f}  {rate['ok']:>5.2f}  "
               f"{sum(hits) / len(hits):>12.2f}")
+        shape_confusion([f["shape"] for f in found], named)
+
+
+def shape_confusion(drawn: list[str | None], named: list[str]) -> None:
+    """Which shape is drawn for each named one, and the shape score a caption-blind model would get with
+    the same drawn shapes (sum over shapes of named share x drawn share): above it, the shape word acts."""
+    n = len(named)
+    blind = sum(named.count(s) / n * drawn.count(s) / n for s in SHAPES)
+    print(f"          drawn shape per named shape (none: no foreground); caption-blind score {blind:.2f}")
+    for s in SHAPES:
+        got = [d for d, w in zip(drawn, named, strict=True) if w == s]
+        print(f"          {s:>8}: " + ", ".join(f"{d} {got.count(d)}" for d in (*SHAPES, None)))
 
 
 def main():
@@ -121,8 +162,7 @@ def main():
     torch.set_num_threads(2)
     pipe = load_pipeline(args.model, device=args.device)
     layout = model_layout(args.model)
-    color, shape = check_accuracy(layout)
-    print(f"check on 600 rendered training-like images ({layout} layout): colour {color:.2f}, shape {shape:.2f}")
+    check_accuracy(layout)
     caption_losses(pipe, layout)
     guidance = ([float(g) for g in args.guidance.split(",")] if args.guidance
                 else [pipe.dori_defaults.guidance_scale])

@@ -111,6 +111,25 @@ def test_procedural_check_reads_colour_shape_and_an_optional_background():
     assert not check_procedural(img, "green", "square")["ok"]
 
 
+def test_procedural_check_reads_blurred_shapes():
+    """Generations have soft edges: the check must still read the shape of a blurred rendering."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from dori.metrics.procedural import check_procedural
+    from dori.zoo.tiny_data import procedural_items, render_procedural
+
+    k = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / (2 * 1.5**2))
+    k = (k[:, None] * k[None]) / k.sum() ** 2  # a 7 x 7 Gaussian of sigma 1.5 px
+    rng, right = np.random.default_rng(0), 0
+    items = procedural_items(60, 0)
+    for _, p in items:
+        img = render_procedural(p["color"], p["shape"], p["background"], rng)
+        img = F.conv2d(F.pad(img[None], (3, 3, 3, 3), mode="replicate"), k.repeat(3, 1, 1, 1), groups=3)[0]
+        right += check_procedural(img, p["color"], p["shape"])["shape_ok"]
+    assert right >= 0.9 * len(items), f"{right} of {len(items)} blurred shapes read right"
+
+
 def test_procedural_layouts_place_the_shape_where_they_say():
     import numpy as np
 
