@@ -33,7 +33,7 @@ $(grep -o '"final_loss_ema": [0-9.]*' "$out/seed$1/dori_recipe.json")"
     --unseen benchmarks/unseen_extra.txt
   python3 benchmarks/template_probe.py --model "$out/seed$1" --device "$device"
   python3 benchmarks/procedural_conditioning.py --model "$out/seed$1" --device "$device" \
-    --n-seeds "${N_SEEDS:-8}" | tail -3
+    --n-seeds "${N_SEEDS:-8}" | tail -7
 }
 for s in "$@"; do
   if [[ -f $out/seed$s/dori_recipe.json ]]; then check "$s" >"$out/eval$s.log" 2>"$out/eval$s.err" & fi
