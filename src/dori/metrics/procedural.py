@@ -6,8 +6,8 @@ the one whose template fits the foreground best: each shape of the foreground's 
 centroid (a triangle's centroid lies a third of its half-size below its centre), within 1 px and 10% of
 size, scored by intersection over union. Until 2026-12-01 the shape was read from the bounding box's
 fill ratio (square ~1, circle ~0.79, triangle ~0.5), which reads blurred shapes as circles: on rendered
-shapes blurred by a Gaussian of 2 px it was right for 69%, the template fit for 95%
-(`benchmarks/procedural_conditioning.py` prints both).
+shapes blurred by a Gaussian of sigma 2 px it was right for 69%, the template fit for 96%
+(`benchmarks/procedural_conditioning.py` prints both; docs/metrics.md).
 """
 
 from __future__ import annotations
