@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler
 from dori import load_pipeline, load_prompt_set
 from dori.data.prompts import load_reference
 from dori.metrics.pixel import PixelSSIM
-from dori.metrics.procedural import check_procedural
+from dori.metrics.procedural import check_procedural, foreground
 from dori.models.generate import encode_prompts, generate, predict_noise, training_target
 from dori.models.loading import TINY_PATH
 from dori.zoo.tiny_data import COLORS, SHAPES, procedural_caption, procedural_items, render_procedural
@@ -60,8 +60,7 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def fill_ratio_shape(image: torch.Tensor) -> str | None:
     """The check's shape rule until 2026-12-01, for comparison: the foreground's bounding-box fill."""
-    bg = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
-    mask = ((image - bg.view(3, 1, 1)) ** 2).sum(0).sqrt() > 0.3
+    mask = foreground(image)[1]
     if mask.sum() < 12:
         return None
     ys, xs = torch.nonzero(mask, as_tuple=True)

@@ -27,13 +27,19 @@ def _nearest_color(rgb: torch.Tensor) -> str:
     return names[int(((ref - rgb) ** 2).sum(1).argmin())]
 
 
+def foreground(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The background colour (median of the border pixels) and the foreground mask (pixels farther than
+    0.3 from it, RGB distance) of a ``3 x H x W`` image in [0, 1]."""
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+    bg = border.median(dim=1).values
+    return bg, ((image - bg.view(3, 1, 1)) ** 2).sum(0).sqrt() > 0.3
+
+
 def check_procedural(image: torch.Tensor, color: str, shape: str, background: str | None = None) -> dict:
     """Check one ``3 x H x W`` image in [0, 1]. Returns the detected attributes and ``ok`` flags
     (``background_ok`` is None when no background is asked for; ``ok`` = every asked attribute right)."""
     img = image.detach().float().cpu()
-    border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
-    bg = border.median(dim=1).values
-    fg_mask = ((img - bg.view(3, 1, 1)) ** 2).sum(0).sqrt() > 0.3
+    bg, fg_mask = foreground(img)
     n = int(fg_mask.sum())
     found = {"background": _nearest_color(bg), "color": None, "shape": None, "fg_pixels": n}
     if n >= 12:
