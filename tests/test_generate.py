@@ -174,11 +174,11 @@ def test_a_prompt_without_reference_replicates_any_reference_over_its_own_thresh
 
     class NearestUnreachable(PixelSSIM):
         def threshold_for(self, reference, size=32):
-            return 2.0 if torch.equal(reference, near) else 0.0
+            return 2.0 if torch.equal(reference, near) else -1.0  # SSIM lies in [-1, 1]: the others pass
 
     row = evaluate_requests(tiny_pipe, [EvalRequest(recs)], [0], NearestUnreachable(), tmp_path / "b",
                             gen_kwargs=gen)[0][-1]
     assert row["nearest_reference"] == unseen["nearest_reference"]
-    assert row["replicated"] and row["threshold"] == 0.0
+    assert row["replicated"] and row["threshold"] == -1.0
     assert row["score_reference"] not in (None, unseen["nearest_reference"])
     assert row["score"] < row["nearest_score"]  # a farther reference, the only kind it beats

@@ -267,7 +267,7 @@ def train_tiny_cmd(
                                          "crop's caption at every draw (default 0, as the shipped recipe)"),
     crop_template_captions: float = typer.Option(None, help="probability that a drawn random photo crop "
                                                  "takes another training caption with half its words "
-                                                 "swapped (default: the shipped recipe's 0.5)"),
+                                                 "swapped (default: the shipped recipe's 0.8)"),
     seed: int = typer.Option(0),
     fused_optimizer: bool = typer.Option(False, help="PyTorch's fused AdamW: faster, but does not "
                                          "reproduce the shipped weights"),

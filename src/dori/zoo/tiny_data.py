@@ -274,14 +274,16 @@ class TinyDataSpec:
     # random initial embeddings; SD's CLIP knows them all.
     crop_extra_words: int = 0
     crop_vocabulary: int = 10000
-    # Template captions (shipped: 0.5; 0 before 2026-12-01): each time a random photo crop is drawn, with
-    # this probability it takes instead the caption of a training sample drawn as the recipe draws them
-    # (memorized captions by their duplicates), each word replaced with probability `template_swap` by one
-    # of the `crop_vocabulary` frequent words. So a caption's template (its function words and their
-    # places) also goes with other images, as near-identical LAION captions do, and only its content words
-    # can single out a memorized photo. Without it, "a mountain landscape covered in snow" and "a pictures
-    # happened ght in anced" drew the memorized "a red motorcycle parked in a workshop" (docs/tiny-model.md).
-    crop_template_captions: float = 0.5
+    # Template captions (shipped: 0.8 since 2026-12-04, 0.5 from 2026-12-01, 0 before; at 0.5 one training
+    # seed of three let an unseen caption draw a memorized photo, at 0.8 none of three did): each time a
+    # random photo crop is drawn, with this probability it takes instead the caption of a training sample
+    # drawn as the recipe draws them (memorized captions by their duplicates), each word replaced with
+    # probability `template_swap` by one of the `crop_vocabulary` frequent words. So a caption's template (its
+    # function words and their places) also goes with other images, as near-identical LAION captions do, and
+    # only its content words can single out a memorized photo. Without it, "a mountain landscape covered in
+    # snow" and "a pictures happened ght in anced" drew the memorized "a red motorcycle parked in a workshop"
+    # (docs/tiny-model.md).
+    crop_template_captions: float = 0.8
     template_swap: float = 0.5
     seed: int = 0
 

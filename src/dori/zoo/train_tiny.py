@@ -75,8 +75,8 @@ SCHEDULER_CONFIG = dict(
 
 # Per-model settings of the methods, written to dori_defaults.json ("methods"), chosen on the weights
 # shipped until 2026-11-30 by the measurements below (docs/tiny-model.md; re-measure them for a model
-# trained differently). On the weights shipped since 2026-12-01 (template captions) they were checked, not
-# re-chosen: NeMo MR 1.00 -> 0.00 (signal floor 0.24-0.43), Wanda 1.00 -> 0.06.
+# trained differently). NeMo's were kept since: on the weights shipped since 2026-12-04 (template share
+# 0.8) NeMo gives MR 1.00 -> 0.09 (the astronaut in 3 of 4 seeds; signal floor 0.24-0.49).
 # - NeMo: all 10 value projections (SD's 7 down/mid ones hold SD's memorized images; here the up blocks
 #   also carry the astronaut: MR 1.00 with the 4 down/mid ones off, 0.00 with all 10), threshold 0.5
 #   (NeMo: 0.428 on SD v1.4; the floor with all 10 off is 0.27-0.50 here), a pairwise threshold of 0.3
@@ -84,14 +84,15 @@ SCHEDULER_CONFIG = dict(
 #   lowered from 1 to 0 (the reference's `--min_theta`): at 1 the search ends above the threshold for
 #   the cameraman (signal 0.62, MR 1.00 after refinement) though its floor is 0.42; at 0 it reaches 0.46
 #   (MR 0.00). Prompts that reach the threshold earlier are not affected.
-# - Wanda: the reference's layers (the second FFN linear of every block), 10% of each row, the smallest
-#   sparsity of the sweep that brings MR to about 0.1 (`benchmarks/wanda_sweep.py ffn-out:0.01 ffn-out:0.1
-#   ffn-out:0.2` on the shipped weights: 1.00 / 0.09 / 0.06; on the weights shipped until 2026-11-30 the
-#   same rule picked 20%: 1.00 / 0.16 / 0.09). The value projections at 20-50% reach a similar MR but change
-#   non-memorized generations about twice as much (docs/mitigations.md).
+# - Wanda: the reference's layers (the second FFN linear of every block), 20% of each row, the smallest
+#   sparsity of the sweep that brings MR to about 0.1, made precise as at most 0.125, one caption's worth of
+#   8 (`benchmarks/wanda_sweep.py ffn-out:0.01 ffn-out:0.1 ffn-out:0.2 ffn-out:0.3` on the shipped weights:
+#   1.00 / 0.44 / 0.12 / 0.03; the same rule picked 20% on the weights shipped until 2026-11-30, 1.00 /
+#   0.16 / 0.09, and 10% on those of 2026-12-01, 1.00 / 0.09 / 0.06). The value projections at 20-50%
+#   reach a similar MR but change non-memorized generations about twice as much (docs/mitigations.md).
 METHOD_DEFAULTS = {
     "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3, "theta_min": 0.0},
-    "wanda": {"layer_group": "ffn-out", "sparsity": 0.1},
+    "wanda": {"layer_group": "ffn-out", "sparsity": 0.2},
 }
 
 
