@@ -86,7 +86,7 @@ SCHEDULER_CONFIG = dict(
 #   (MR 0.00). Prompts that reach the threshold earlier are not affected.
 # - Wanda: the reference's layers (the second FFN linear of every block), 20% of each row, the smallest
 #   sparsity of the sweep that brings MR to about 0.1, made precise as at most 0.125, one caption's worth of
-#   8 (`benchmarks/wanda_sweep.py ffn-out:0.01 ffn-out:0.1 ffn-out:0.2 ffn-out:0.3` on the shipped weights:
+#   8 (`benchmarks/wanda_sweep.py ffn-out:0.01 ffn-out:0.1 ffn-out:0.2`, then `ffn-out:0.3`, on the shipped weights:
 #   1.00 / 0.44 / 0.12 / 0.03; the same rule picked 20% on the weights shipped until 2026-11-30, 1.00 /
 #   0.16 / 0.09, and 10% on those of 2026-12-01, 1.00 / 0.09 / 0.06). The value projections at 20-50%
 #   reach a similar MR but change non-memorized generations about twice as much (docs/mitigations.md).
