@@ -79,3 +79,22 @@ def test_demo_sizes_default_to_the_demo_module_and_zero_means_all(monkeypatch, t
     assert "max_targets" not in unset and "fidelity_per_kind" not in unset
     assert zero["max_targets"] is None and zero["fidelity_per_kind"] is None
     assert two["max_targets"] == 2 and "fidelity_per_kind" not in two
+
+
+def test_train_tiny_options_reach_the_recipe_and_unset_ones_keep_its_defaults(monkeypatch, tmp_path):
+    import dori.zoo.train_tiny as recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "train_tiny", lambda cfg: seen.append(cfg))
+    args = ["zoo", "train-tiny", "--out", str(tmp_path / "m")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    r = CliRunner().invoke(app, [*args, "--steps", "4500", "--procedural-layout", "centred", "--n-procedural",
+                                 "5000", "--crop-template-captions", "1.0"])
+    assert r.exit_code == 0, r.output
+    default, changed = seen
+    assert default == recipe.TrainConfig(out=str(tmp_path / "m"))
+    assert (changed.steps, changed.data.procedural_layout, changed.data.n_procedural,
+            changed.data.crop_template_captions) == (4500, "centred", 5000, 1.0)
+    assert changed.data.duplicates == default.data.duplicates
+    r = CliRunner().invoke(app, [*args, "--procedural-layout", "center"])
+    assert r.exit_code == 2 and "anywhere, centred" in r.output and len(seen) == 2

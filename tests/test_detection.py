@@ -18,8 +18,10 @@ def test_noise_magnitude_reads_the_text_at_guidance_one(tiny_pipe, monkeypatch):
     import dataclasses
 
     monkeypatch.setattr(tiny_pipe, "dori_defaults", dataclasses.replace(tiny_pipe.dori_defaults, guidance_scale=1.0))
+    # against a seen-once photo's caption: on the centred-shapes model a procedural caption ("a red circle")
+    # pins its image down as much as the cat's caption does, and scores as high (docs/mitigations.md)
     scores = NoiseMagnitude(n_steps=2, seeds=(0,)).score(
-        tiny_pipe, ["chelsea the orange tabby cat looking up", "a red circle"])
+        tiny_pipe, ["chelsea the orange tabby cat looking up", "close up of green grass blades"])
     assert (scores > 0).all() and scores[0] > scores[1], scores
 
 

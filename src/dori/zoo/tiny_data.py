@@ -211,8 +211,10 @@ def render_procedural(color: str, shape: str, background: str, rng: np.random.Ge
                       layout: str = "anywhere") -> torch.Tensor:
     """Render one procedural image (3xSxS in [0, 1]) with random size, position and mild texture.
 
-    ``layout="anywhere"``: half-size 6.5-10.5 px anywhere in the image (the first tiny models);
-    ``"centred"``: half-size 8-11 px, centre within 3 px of the image's centre (see ``TinyDataSpec``).
+    ``layout="anywhere"``: half-size 6.5-10.5 px anywhere in the image (the tiny models until 2026-12-04);
+    ``"centred"``: half-size 8-11 px, centre within 3 px of the image's centre (the shipped model: with
+    shapes anywhere, the mean image a shape word asks for at high noise is a blob, and shape words were
+    not learned; docs/tiny-model.md).
     """
     if layout == "anywhere":
         r = rng.uniform(6.5, 10.5)
@@ -258,7 +260,7 @@ class TinyDataSpec:
     lfw_seen_once: tuple[int, ...] = tuple(range(0, 80)) + tuple(range(100, 180))
     lfw_held_out: tuple[int, ...] = tuple(range(80, 90)) + tuple(range(180, 190))
     duplicates: int = 240  # copies of each memorized pair in the training set
-    n_procedural: int = 2500
+    n_procedural: int = 5000  # 2,500 until 2026-12-04 (docs/tiny-model.md)
     n_photo_crops: int = 1500  # random crops of the seen-once photos, each seen once
     # Procedural captions name the shape and its colour ("a red circle"), not the background, which is
     # drawn at random: like a LAION caption, a caption describes part of its image. Captions that also
@@ -266,7 +268,7 @@ class TinyDataSpec:
     # gives them a larger text-conditional noise difference than the memorized photos, and Wen et al.'s
     # detector cannot tell them apart (docs/tiny-model.md).
     caption_background: bool = False
-    procedural_layout: str = "anywhere"
+    procedural_layout: str = "centred"  # "anywhere" until 2026-12-04: shapes were not learned
     # Broad vocabulary (off; tried, not a fix: docs/tiny-model.md): each time a random photo crop is
     # drawn in training, this many words drawn at random from CLIP's `crop_vocabulary` most frequent
     # whole-word tokens (:func:`frequent_words`) are added before or after its caption. Without it or the
@@ -274,8 +276,10 @@ class TinyDataSpec:
     # random initial embeddings; SD's CLIP knows them all.
     crop_extra_words: int = 0
     crop_vocabulary: int = 10000
-    # Template captions (shipped: 0.8 since 2026-12-04, 0.5 from 2026-12-01, 0 before; at 0.5 one training
-    # seed of three let an unseen caption draw a memorized photo, at 0.8 none of three did): each time a
+    # Template captions (shipped: 1.0 since the centred-shapes model of 2026-12-04, 0.8 before it that day,
+    # 0.5 from 2026-12-01, 0 before; at 0.5 one training seed of three let an unseen caption draw a memorized
+    # photo, at 0.8 none of three did, but the 4,500-step centred-shapes recipe at 0.8 did again; at 1.0 it
+    # did not, one seed measured): each time a
     # random photo crop is drawn, with this probability it takes instead the caption of a training sample
     # drawn as the recipe draws them (memorized captions by their duplicates), each word replaced with
     # probability `template_swap` by one of the `crop_vocabulary` frequent words. So a caption's template (its
@@ -283,7 +287,7 @@ class TinyDataSpec:
     # only its content words can single out a memorized photo. Without it, "a mountain landscape covered in
     # snow" and "a pictures happened ght in anced" drew the memorized "a red motorcycle parked in a workshop"
     # (docs/tiny-model.md).
-    crop_template_captions: float = 0.8
+    crop_template_captions: float = 1.0
     template_swap: float = 0.5
     seed: int = 0
 

@@ -99,7 +99,7 @@ METHOD_DEFAULTS = {
 @dataclass
 class TrainConfig:
     out: str
-    steps: int = 3000
+    steps: int = 4500
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 100
