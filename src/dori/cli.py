@@ -276,7 +276,7 @@ def train_tiny_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N (the same random draws; a GPU's float order, "
                                "so other weights, and not bit-reproducible)"),
 ):
-    """Train the embedded tiny model from scratch with the shipped recipe (15-21 min on 2 cores)."""
+    """Train the embedded tiny model from scratch with the shipped recipe (about 24 min on 2 cores)."""
     from dori.zoo.tiny_data import LAYOUTS
     from dori.zoo.train_tiny import TrainConfig, train_tiny
 
