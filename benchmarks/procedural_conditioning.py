@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler
 from dori import load_pipeline, load_prompt_set
 from dori.data.prompts import load_reference
 from dori.metrics.pixel import PixelSSIM
-from dori.metrics.procedural import check_procedural, foreground
+from dori.metrics.procedural import caption_blind_shape_score, check_procedural, foreground
 from dori.models.generate import encode_prompts, generate, predict_noise, training_target
 from dori.models.loading import TINY_PATH
 from dori.zoo.tiny_data import COLORS, SHAPES, procedural_caption, procedural_items, render_procedural
@@ -142,8 +142,7 @@ def generation_checks(pipe, guidance: list[float], seeds: list[int], rescale: fl
 def shape_confusion(drawn: list[str | None], named: list[str]) -> None:
     """Which shape is drawn for each named one, and the shape score a caption-blind model would get with
     the same drawn shapes (sum over shapes of named share x drawn share): above it, the shape word acts."""
-    n = len(named)
-    blind = sum(named.count(s) / n * drawn.count(s) / n for s in SHAPES)
+    blind = caption_blind_shape_score(drawn, named)
     print(f"          drawn shape per named shape (none: no foreground); caption-blind score {blind:.2f}")
     for s in SHAPES:
         got = [d for d, w in zip(drawn, named, strict=True) if w == s]

@@ -111,6 +111,16 @@ def test_procedural_check_reads_colour_shape_and_an_optional_background():
     assert not check_procedural(img, "green", "square")["ok"]
 
 
+def test_caption_blind_shape_score():
+    from dori.metrics.procedural import caption_blind_shape_score
+
+    # half the captions name a circle, every generation draws one: blind to the word, half are right
+    assert caption_blind_shape_score(["circle"] * 4, ["circle", "circle", "square", "triangle"]) == 0.5
+    # each shape drawn in a quarter of the generations (one has no foreground): 1/4 x (1/4 + 1/4 + 2/4)
+    assert abs(caption_blind_shape_score(["circle", "square", "triangle", None],
+                                         ["square", "triangle", "circle", "circle"]) - 0.25) < 1e-12
+
+
 def test_procedural_check_reads_blurred_shapes():
     """Generations have soft edges: the check must still read the shape of a blurred rendering."""
     import numpy as np

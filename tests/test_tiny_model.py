@@ -8,7 +8,7 @@ import torch
 
 from dori import load_prompt_set
 from dori.data.tiny import replication_scores
-from dori.metrics.procedural import check_procedural
+from dori.metrics.procedural import caption_blind_shape_score, check_procedural
 from dori.models.generate import generate
 
 # The seeds of `dori mitigate`, `dori attack` and the model card's tables. With 4 seeds, ">= 90% of seeds"
@@ -56,13 +56,11 @@ def test_procedural_captions_draw_the_named_shape_and_colour(generations):
     out = generations[0]
     cases = [(check_procedural(out.images[j], **RECORDS[p].meta), RECORDS[p].meta["shape"])
              for j, p in enumerate(out.prompt_index) if RECORDS[p].kind == "procedural"]
-    n = len(cases)
-    color = sum(c["color_ok"] for c, _ in cases) / n
-    shape = sum(c["shape_ok"] for c, _ in cases) / n
+    color = sum(c["color_ok"] for c, _ in cases) / len(cases)
+    shape = sum(c["shape_ok"] for c, _ in cases) / len(cases)
     assert color > 0.5 and shape > 0.5, f"colour {color:.2f}, shape {shape:.2f}"  # "most seeds"
-    # the shape word acts: a model blind to it, drawing the same shapes, would score this
-    drawn, named = [c["shape"] for c, _ in cases], [s for _, s in cases]
-    blind = sum(named.count(s) / n * drawn.count(s) / n for s in set(named))
+    # the shape word acts: well above what a model blind to it, drawing the same shapes, would score
+    blind = caption_blind_shape_score([c["shape"] for c, _ in cases], [s for _, s in cases])
     assert shape > blind + 0.2, f"shape {shape:.2f}, caption-blind {blind:.2f}"
 
 

@@ -54,6 +54,13 @@ def check_procedural(image: torch.Tensor, color: str, shape: str, background: st
     return found
 
 
+def caption_blind_shape_score(drawn: list[str | None], named: list[str]) -> float:
+    """The shape score a model blind to the shape word would get with the same drawn shapes: the sum over
+    shapes of (share of captions naming it) x (share of generations drawing it). Above it, the word acts."""
+    n = len(named)
+    return sum(named.count(s) / n * drawn.count(s) / n for s in SHAPES)
+
+
 def shape_fit(mask: torch.Tensor) -> dict[str, float]:
     """The best intersection over union of each shape's template with a boolean ``H x W`` mask: the
     template has the mask's area and sits on its centroid, searched within 1 px and 10% of size."""
