@@ -85,12 +85,12 @@ SCHEDULER_CONFIG = dict(
 #   the cameraman (signal 0.62, MR 1.00 after refinement) though its floor is 0.42; at 0 it reaches 0.46
 #   (MR 0.00). Prompts that reach the threshold earlier are not affected.
 # - Wanda: the reference's layers (the second FFN linear of every block), 11% of each row: the smallest
-#   sparsity that brings MR to at most 0.125 (one caption's worth of 8), on a grid of 1-point steps between
-#   10% and 20% (`benchmarks/wanda_sweep.py ffn-out:0.1 ffn-out:0.11 ... ffn-out:0.18`, plus 0.01/0.2/0.3, on the
-#   shipped weights: 1% 1.00, 10% 0.16, 11% 0.12, 12-30% 0.09). Until 2026-12-04 the grid was 1/10/20/30% and
-#   picked 20%; the finer grid was run after Wanda + DoRI at 20% had been measured (docs/attacks.md has both).
-#   The value projections at 20-50% reach a similar MR but change non-memorized generations about twice as
-#   much (docs/mitigations.md).
+#   sparsity that brings MR to at most 0.125 (one caption's worth of 8), read at 10, 11, 12, 14, 16, 18%
+#   (`benchmarks/wanda_sweep.py ffn-out:0.1 ffn-out:0.11 ... ffn-out:0.18`, plus 0.01/0.2/0.3, on the
+#   shipped weights: 1% 1.00, 10% 0.16, 11% 0.12, 12/14/16/18/20/30% 0.09). Until 2026-12-04 the grid was
+#   1/10/20/30% and picked 20%; the finer grid was run after Wanda + DoRI at 20% had been measured
+#   (docs/attacks.md has both). The value projections at 20-50% reach a similar MR but change non-memorized
+#   generations about twice as much (docs/mitigations.md).
 METHOD_DEFAULTS = {
     "nemo": {"layer_group": "value", "threshold": 0.5, "pairwise_threshold": 0.3, "theta_min": 0.0},
     "wanda": {"layer_group": "ffn-out", "sparsity": 0.11},
