@@ -3,16 +3,17 @@ each memorized image's loss back under a mitigation, and how close does it bring
 
     python benchmarks/retention_loss.py [--method wanda|nemo] [-p wanda.sparsity=0.2] [--control N]
 
-Every loss is the mean training loss (the model's target, v on the tiny model) of an image over the
-same fixed (noise, timestep) pairs (t uniform over all timesteps, seed 123, ``--pairs``), divided by
-that image's loss with the empty prompt on the same model: 1.00 means the embedding tells the model
-nothing about the image, lower means it pulls the model towards it. Memorized photos: with their caption
-on the plain model, with their caption under their own mask (localized here by the method at the
-model's settings; ``-p`` overrides as in ``dori attack``), and with a DoRI trigger found under that mask
-(the model's DoRI settings: 50 steps, 8 pairs, init from the caption; seed 0). The control (the bypass
+Every loss is the mean training loss (the model's target, v on the tiny model) of an image over the same
+fixed (noise, timestep) pairs (t uniform over all timesteps, seed 123, ``--pairs``), divided by that
+image's loss with the empty prompt on the same model: 1.00 means the embedding tells the model nothing
+about the image, lower means it pulls the model towards it. Memorized photos: with their caption on the
+plain model, with their caption under their own mask (localized here by the method at the model's
+settings; ``-p`` overrides as in ``dori attack``), and with a DoRI trigger found under that mask (the
+model's DoRI settings: 50 steps, 8 pairs, init from the caption; seed 0). The control (the bypass
 benchmark's: every seen-once and held-out photo, or the first ``--control N`` of each kind) is attacked
-the same way on the plain model, in one batch. About 4 min for Wanda, 5 min for NeMo (its statistics),
-on 2 cores. What the numbers say: docs/attacks.md ("The loss view").
+the same way on the plain model, in one batch (so each control trigger depends on the batch); the
+memorized photos are attacked one at a time, each under its own mask. About 4 min for Wanda, 5 min for
+NeMo (its statistics), on 2 cores. What the numbers say: docs/attacks.md ("The loss view").
 """
 
 import argparse
@@ -38,10 +39,14 @@ def main():
     torch.set_num_threads(2)
     pipe = load_pipeline("tiny")
     records = load_prompt_set("tiny")
-    method = make_method(args.method, pipe, None, _method_params(args.param).get(args.method))
+    params = _method_params(args.param)
+    if set(params) - {args.method}:
+        raise SystemExit(f"-p sets {sorted(set(params) - {args.method})} but --method is {args.method}")
+    method = make_method(args.method, pipe, None, params.get(args.method))
     dori = make_attack(pipe)
     g = torch.Generator().manual_seed(123)
-    noise = torch.randn(args.pairs, 3, 32, 32, generator=g)
+    size = pipe.unet.config.sample_size  # the tiny model's VAE is the identity: latents are pixels
+    noise = torch.randn(args.pairs, pipe.unet.config.in_channels, size, size, generator=g)
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (args.pairs,), generator=g)
     empty = encode_prompts(pipe, [""])[0]
 
