@@ -9,11 +9,13 @@ image's loss with the empty prompt on the same model: 1.00 means the embedding t
 about the image, lower means it pulls the model towards it. Memorized photos: with their caption on the
 plain model, with their caption under their own mask (localized here by the method at the model's
 settings; ``-p`` overrides as in ``dori attack``), and with a DoRI trigger found under that mask (the
-model's DoRI settings: 50 steps, 8 pairs, init from the caption; seed 0). The control (the bypass
-benchmark's: every seen-once and held-out photo, or the first ``--control N`` of each kind) is attacked
-the same way on the plain model, in one batch (so each control trigger depends on the batch); the
-memorized photos are attacked one at a time, each under its own mask. About 4 min for Wanda, 5 min for
-NeMo (its statistics), on 2 cores. What the numbers say: docs/attacks.md ("The loss view").
+model's DoRI settings: 50 steps, 8 pairs, init from the caption; seed 0); "undone" is the share of the
+mask's rise in the ratio that the trigger takes back, (masked - masked+DoRI) / (masked - plain). The
+control (the bypass benchmark's: every seen-once and held-out photo, or the first ``--control N`` of
+each kind) is attacked the same way on the plain model, in one batch (so each control trigger depends on
+the batch); the memorized photos are attacked one at a time, each under its own mask. About 4 min for
+Wanda, 5 min for NeMo (its statistics), on 2 cores. What the numbers say: docs/attacks.md ("The loss
+view").
 """
 
 import argparse
@@ -26,7 +28,7 @@ from dori.analyses.demo import make_attack, make_method
 from dori.cli import _method_params
 from dori.data.prompts import load_reference
 from dori.mitigations.masks import apply_mask
-from dori.models.generate import predict_noise, training_target
+from dori.models.generate import denoising_loss
 
 
 def main():
@@ -54,13 +56,12 @@ def main():
     def ratios(image: torch.Tensor, embeds: list[torch.Tensor]) -> list[float]:
         """Loss with each embedding over the loss with the empty prompt, on ``pipe`` as it is now."""
         clean = (image[None] * 2 - 1).expand(args.pairs, -1, -1, -1)
-        z_t, target = pipe.scheduler.add_noise(clean, noise, t), training_target(pipe.scheduler, clean, noise, t)
-        loss = [(predict_noise(pipe, z_t, t, e[None].expand(args.pairs, -1, -1)) - target).pow(2).mean().item()
+        loss = [denoising_loss(pipe, clean, noise, t, e[None].expand(args.pairs, -1, -1)).mean().item()
                 for e in [empty, *embeds]]
         return [x / loss[0] for x in loss[1:]]
 
     print(f"method: {method!r}\nattack: {dori!r}\nloss / loss with the empty prompt, {args.pairs} (noise, t) pairs")
-    print(f"{'memorized caption':46} {'plain':>6} {'masked':>6} {'masked+DoRI':>11}")
+    print(f"{'memorized caption':46} {'plain':>6} {'masked':>6} {'masked+DoRI':>11} {'undone':>6}")
     for rec in (r for r in records if r.memorized):
         image, cap = load_reference(rec), encode_prompts(pipe, [rec.caption])[0]
         plain = ratios(image, [cap])[0]
@@ -68,7 +69,8 @@ def main():
         with apply_mask(pipe, getattr(res, "mask", res)):  # NeMo returns a NeMoResult, Wanda a Mask
             trigger = dori.attack(pipe, image[None], prompts=[rec.caption]).trigger[0]
             masked, attacked = ratios(image, [cap, trigger])
-        print(f"{rec.caption[:46]:46} {plain:6.2f} {masked:6.2f} {attacked:11.2f}")
+        undone = (masked - attacked) / (masked - plain)  # share of the mask's rise that DoRI takes back
+        print(f"{rec.caption[:46]:46} {plain:6.2f} {masked:6.2f} {attacked:11.2f} {undone:6.0%}")
     control = control_records(records, args.control)
     images = torch.stack([load_reference(r) for r in control])
     triggers = dori.attack(pipe, images, prompts=[r.caption for r in control]).trigger

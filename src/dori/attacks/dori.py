@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dori.models.generate import encode_prompts, predict_noise, training_target, unet_place
+from dori.models.generate import denoising_loss, encode_prompts, unet_place
 
 
 @dataclass
@@ -155,10 +155,9 @@ class DoRI:
         for step in range(1, self.steps + 1):
             eps = torch.randn(z0_rep.shape, generator=g).to(dev, dtype)
             t = (t_lo + torch.multinomial(t_prob, z0_rep.shape[0], replacement=True, generator=g)).to(dev)
-            z_t = pipe.scheduler.add_noise(z0_rep, eps, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-            pred = predict_noise(pipe, z_t, t, y.repeat_interleave(self.pairs, dim=0))
-            target = training_target(pipe.scheduler, z0_rep, eps, t)  # eps (SD 1.x) or v (SD 2.x-768)
-            per = (pred.float() - target.float()).pow(2).flatten(1).mean(1).view(len(idx), self.pairs).mean(1)
+            # the training loss: target eps (SD 1.x) or v (SD 2.x-768), gradient to y only
+            per = denoising_loss(pipe, z0_rep, eps, t, y.repeat_interleave(self.pairs, dim=0))
+            per = per.view(len(idx), self.pairs).mean(1)
             opt.zero_grad(set_to_none=True)
             per.sum().backward()
             if keep is not None:

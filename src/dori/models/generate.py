@@ -99,6 +99,15 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, t) -> t
     raise DoriError(f"unknown prediction_type {kind!r} in the scheduler config")
 
 
+def denoising_loss(pipe, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   embeds: torch.Tensor) -> torch.Tensor:
+    """Per-sample training loss (mean squared error to :func:`training_target`) of ``clean`` latents noised
+    with ``noise`` to timesteps ``t``, conditioned on ``embeds``; differentiable (DoRI's loss, and
+    ``benchmarks/retention_loss.py``'s)."""
+    pred = predict_noise(pipe, pipe.scheduler.add_noise(clean, noise, t), t, embeds)  # sqrt(abar) clean + ...
+    return (pred.float() - training_target(pipe.scheduler, clean, noise, t).float()).pow(2).flatten(1).mean(1)
+
+
 def initial_noise(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:
     """The starting latents ``x_T`` for each seed (CPU-drawn, so identical on every device)."""
     res = resolution or pipe.dori_defaults.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
