@@ -82,7 +82,13 @@ def test_demo_writes_rows_images_and_report(demo_run):
     # budget 0 is the original prompt's embedding: the mitigation stage's image, reused, not generated again
     mit = {r["caption"]: (r["score"], r["image"]) for r in res["samples"] if r["setting"] == "wanda"}
     assert all((r["score"], r["image"]) == mit[r["caption"]] for r in dori_rows if r["budget"] == 0)
-    assert set(b["curves"]) == {"wanda+dori memorized", "none+dori non-memorized"}
+    assert set(b["curves"]) == {"wanda+dori memorized", "none+dori non-memorized", "none+dori seen_once",
+                                "none+dori held_out"}
+    for kind in ("seen_once", "held_out"):  # the control per kind: the share of its generations that replicate
+        rows = [r for r in res["samples"] if r["setting"] == "none+dori" and r["kind"] == kind]
+        share = [sum(r["replicated"] for r in rows if r["budget"] == s) / sum(r["budget"] == s for r in rows)
+                 for s in (0, 1, 3)]  # every photo has the same number of seeds: the same as MR
+        assert b["curves"][f"none+dori {kind}"] == {"budget": [0, 1, 3], "mr": pytest.approx(share)}
     assert "Bypass benchmark" in html and (out / "plots" / "bypass_mr_vs_steps.png").is_file()
     assert len(list((out / "triggers" / "wanda").glob("*.safetensors"))) == 3
 

@@ -110,3 +110,24 @@ def test_dori_brings_back_a_wanda_pruned_image_but_not_a_photo_it_never_memorize
         assert (scores(target, trigger) > metric.threshold).all()  # retained: DoRI brings it back
     trigger = attack.attack(tiny_pipe, load_reference(control)[None], prompts=[control.caption]).trigger
     assert (scores(control, trigger) < metric.threshold).all()  # the same attack cannot force a held-out photo
+
+
+def test_bypass_table_curves_split_the_control_by_kind():
+    from dori.analyses.bypass import bypass_table
+
+    def row(setting, kind, caption, budget, seed, replicated):
+        return {"stage": "bypass", "setting": setting, "kind": kind, "caption": caption, "budget": budget,
+                "seed": seed, "replicated": replicated, "score": 0.9 if replicated else 0.1}
+
+    rows = [row("wanda+dori", "memorized", "m", b, s, b > 0) for b in (0, 5) for s in (0, 1)]
+    # at 5 steps: one seen-once photo forced in 1 of 2 seeds, the held-out photo in both
+    rows += [row("none+dori", "seen_once", c, b, s, (b, c, s) == (5, "a", 0)) for c in "ab" for b in (0, 5)
+             for s in (0, 1)]
+    rows += [row("none+dori", "held_out", "h", b, s, b == 5) for b in (0, 5) for s in (0, 1)]
+    curves = bypass_table(rows, [0, 5])["curves"]
+    assert curves["wanda+dori memorized"]["mr"] == [0.0, 1.0]
+    assert curves["none+dori seen_once"] == {"budget": [0, 5], "mr": [0.0, 0.25]}
+    assert curves["none+dori held_out"] == {"budget": [0, 5], "mr": [0.0, 1.0]}
+    assert curves["none+dori non-memorized"]["mr"] == [0.0, 0.5]  # (0.5 + 0 + 1) / 3 photos
+    one_kind = [r for r in rows if r["kind"] != "held_out"]  # a single kind: no per-kind curve repeats it
+    assert "none+dori seen_once" not in bypass_table(one_kind, [0, 5])["curves"]

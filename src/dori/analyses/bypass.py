@@ -229,10 +229,12 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
     +random perturbation of the same norm; then the non-memorized control with and without DoRI.
     """
     top = max(budgets)
-    by = defaultdict(list)
+    by, by_kind = defaultdict(list), defaultdict(list)
     for s in samples:
         if s.get("score") is not None:
             by[(s["stage"], s["setting"], s["budget"], s["kind"] == "memorized")].append(s)
+            if s["stage"] == "bypass" and s["kind"] != "memorized":
+                by_kind[(s["setting"], s["kind"])].append(s)
     settings = sorted({s["setting"].rsplit("+", 1)[0] for s in samples if s["stage"] == "bypass"} - {"none"})
     table = []
 
@@ -261,6 +263,13 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
                    if by[("bypass", f"{m}+dori", b, mem)]]
             if pts:
                 curves[label] = {"budget": [p[0] for p in pts], "mr": [p[1] for p in pts]}
+        # the control per kind as well: a seen-once photo forced may be weak memorization, a held-out one is not
+        kinds = sorted(k for s, k in by_kind if s == f"{m}+dori")
+        for kind in kinds if len(kinds) > 1 else ():
+            rows = by_kind[(f"{m}+dori", kind)]
+            pts = [(b, memorization_rate([r for r in rows if r["budget"] == b])) for b in budgets
+                   if any(r["budget"] == b for r in rows)]
+            curves[f"{m}+dori {kind}"] = {"budget": [p[0] for p in pts], "mr": [p[1] for p in pts]}
     return {"budgets": list(budgets), "table": table, "curves": curves}
 
 
@@ -288,7 +297,9 @@ def plot_bypass(bypass: dict, samples: Sequence[dict], threshold: float, plot_di
 
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
     for label, c in bypass["curves"].items():
-        ax.plot(c["budget"], c["mr"], marker="o", ls="--" if "non-memorized" in label else "-", label=label)
+        per_kind = not label.endswith("memorized")  # one kind of the control: thinner, dotted
+        ax.plot(c["budget"], c["mr"], marker="." if per_kind else "o", lw=1 if per_kind else 1.5,
+                ls=":" if per_kind else "--" if "non-memorized" in label else "-", label=label)
     ax.set_xlabel("DoRI steps (budget)")
     ax.set_ylabel("MR")
     ax.set_ylim(-0.03, 1.03)
