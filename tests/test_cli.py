@@ -66,7 +66,8 @@ def test_detect_scores_every_caption_without_generating_images(tmp_path):
 
 
 def test_demo_sizes_default_to_the_demo_module_and_zero_means_all(monkeypatch, tmp_path):
-    """`dori demo` passes --targets/--fidelity-per-kind only when given (run_demo's DEMO_* apply otherwise)."""
+    """`dori demo` passes --targets/--fidelity-per-kind only when given (run_demo's DEMO_* apply otherwise);
+    `dori attack` passes --attack-seed."""
     import dori.analyses.demo as demo
 
     calls = []
@@ -79,6 +80,11 @@ def test_demo_sizes_default_to_the_demo_module_and_zero_means_all(monkeypatch, t
     assert "max_targets" not in unset and "fidelity_per_kind" not in unset
     assert zero["max_targets"] is None and zero["fidelity_per_kind"] is None
     assert two["max_targets"] == 2 and "fidelity_per_kind" not in two
+    monkeypatch.setattr("dori.cli._print_results", lambda res, out: None)
+    for extra in ([], ["--attack-seed", "3"]):  # `dori attack` passes its attack seed on (default 0)
+        r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path), *extra])
+        assert r.exit_code == 0, r.output
+    assert [c["attack_seed"] for c in calls[3:]] == [0, 3]
 
 
 def test_train_tiny_options_reach_the_recipe_and_unset_ones_keep_its_defaults(monkeypatch, tmp_path):

@@ -1,4 +1,7 @@
+import json
+
 import torch
+from safetensors.torch import load_file
 
 from dori.attacks.dori import DoRI
 from dori.data.prompts import load_reference
@@ -131,3 +134,22 @@ def test_bypass_table_curves_split_the_control_by_kind():
     assert curves["none+dori non-memorized"]["mr"] == [0.0, 0.5]  # (0.5 + 0 + 1) / 3 photos
     one_kind = [r for r in rows if r["kind"] != "held_out"]  # a single kind: no per-kind curve repeats it
     assert "none+dori seen_once" not in bypass_table(one_kind, [0, 5])["curves"]
+
+
+def test_bypass_attack_seed_changes_the_triggers_and_is_recorded(tiny_pipe, tmp_path):
+    """`dori attack --attack-seed`: another seed draws other (noise, timestep) pairs, so other triggers."""
+    from dori.analyses.bypass import run_bypass
+    from dori.analyses.demo import make_attack
+    from dori.metrics.pixel import PixelSSIM
+
+    rec = next(r for r in tiny_prompt_set() if r.memorized and r.reference)
+    attack = make_attack(tiny_pipe, {"steps": 2, "pairs": 2})
+    triggers = {}
+    for seed in (0, 1):
+        run_bypass(tiny_pipe, [rec], {"none": None}, PixelSSIM(), tmp_path / str(seed), attack=attack, budgets=[0, 2],
+                   seeds=[0], random_baseline=False, seed=seed)
+        meta = json.loads(next((tmp_path / str(seed) / "triggers" / "none").glob("*.json")).read_text())
+        assert meta["params"]["seed"] == seed
+        triggers[seed] = load_file(str(next((tmp_path / str(seed) / "triggers" / "none").glob("*.safetensors"))))
+    assert torch.equal(triggers[0]["budget_0"], triggers[1]["budget_0"])  # both start from the caption
+    assert not torch.equal(triggers[0]["budget_2"], triggers[1]["budget_2"])

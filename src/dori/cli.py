@@ -182,6 +182,8 @@ def attack(
     init: str = typer.Option(None, help="prompt (default), random"),
     control: int = typer.Option(None, help="control photos per kind (seen-once, held-out); default: all"),
     token_variants: int = typer.Option(4, help="word-perturbed prompts per target (the discrete baseline)"),
+    attack_seed: int = typer.Option(0, help="seed of DoRI's noise/timestep draws and of the baselines; rerun "
+                                            "with others (each in its own --out) for the spread"),
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     metric: str = typer.Option(None),
     sscd: str = typer.Option(None),
@@ -200,8 +202,9 @@ def attack(
     res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric, sscd_path=sscd,
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
-                   control_per_kind=control, token_variants=token_variants, method_params=_method_params(param),
-                   per_prompt_fidelity=True, max_targets=None, fidelity_per_kind=None, command="dori attack")
+                   attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
+                   method_params=_method_params(param), per_prompt_fidelity=True, max_targets=None,
+                   fidelity_per_kind=None, command="dori attack")
     _print_results(res, out)
 
 

@@ -252,6 +252,7 @@ def run_demo(
     stats_prompts: str | None = None,
     attack: dict | None = DEMO_ATTACK,
     budgets: Sequence[int] = DEMO_BUDGETS,
+    attack_seed: int = 0,
     control_per_kind: int | None = 2,
     max_targets: int | None = DEMO_TARGETS,
     fidelity_per_kind: int | None = DEMO_FIDELITY_PER_KIND,
@@ -275,7 +276,8 @@ def run_demo(
     caption under one memorized caption's own mask (besides the joint mask). ``method_params`` overrides
     a mitigation's parameters (``{"wanda": {"sparsity": 0.1}}``) and ``attack`` DoRI's (default: the
     model's shipped settings); ``budgets`` is the cost-curve ladder (the attack runs ``max(budgets)``
-    steps).
+    steps); ``attack_seed`` seeds DoRI's (noise, timestep) draws and the baselines' perturbations (repeat
+    a run with other seeds, each in its own folder, for the spread of the bypass numbers).
 
     A killed run started again with the same arguments reuses the items it had finished.
     """
@@ -285,7 +287,7 @@ def run_demo(
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, device=device, stages=list(stages), stats_prompts=stats_prompts,
-                  attack=attack, budgets=list(budgets),
+                  attack=attack, budgets=list(budgets), attack_seed=attack_seed,
                   control_per_kind=control_per_kind, max_targets=max_targets, fidelity_per_kind=fidelity_per_kind,
                   token_variants=token_variants,
                   method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors))
@@ -365,7 +367,7 @@ def run_demo(
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
                           control=control_records(records, control_per_kind), max_targets=max_targets,
-                          token_variants=token_variants, prior_rows=samples)
+                          token_variants=token_variants, seed=attack_seed, prior_rows=samples)
         samples += rows
         results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori)}
         man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
