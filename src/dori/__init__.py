@@ -7,6 +7,7 @@ Example:
     >>> out = dori.generate(pipe, [p.caption for p in prompts[:2]], seeds=[0, 1])
 """
 
+import dori._quiet  # noqa: F401  (first: silences an expected transformers notice)
 from dori.data.prompts import PromptRecord, load_prompt_set
 from dori.errors import DoriError
 from dori.models.generate import GenerationOutput, encode_prompts, generate
