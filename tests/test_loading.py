@@ -32,14 +32,15 @@ def test_plain_diffusers_from_pretrained_loads_the_shipped_folder():
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the notice needs torchvision absent")
 def test_loading_does_not_tell_the_user_to_install_torchvision():
-    # transformers >= 5 advises installing torchvision when diffusers' SD pipeline module touches
+    # transformers 5.x advises installing torchvision when diffusers' SD pipeline module touches
     # CLIPImageProcessor; dori filters that one notice (dori/_quiet.py), so a CPU user is not sent to a CUDA build
     load = "from diffusers import StableDiffusionPipeline; import transformers; transformers.CLIPImageProcessor"
 
     def stderr(code):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
 
-    assert "requires torchvision" in stderr(load)  # without dori the notice is there: the check below can fail
+    if "requires torchvision" not in stderr(load):  # this transformers does not print it: nothing to check
+        pytest.skip("this transformers version prints no torchvision notice")
     assert "requires torchvision" not in stderr("import dori; " + load)
     assert "requires torchvision" not in stderr("import dori; dori.load_pipeline('tiny')")
 
