@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -30,17 +29,16 @@ def test_plain_diffusers_from_pretrained_loads_the_shipped_folder():
     assert img.shape == (1, 3, 32, 32)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the notice needs torchvision absent")
 def test_loading_does_not_tell_the_user_to_install_torchvision():
     # transformers 5.x advises installing torchvision when diffusers' SD pipeline module touches
-    # CLIPImageProcessor; dori filters that one notice (dori/_quiet.py), so a CPU user is not sent to a CUDA build
+    # CLIPImageProcessor; dori filters that notice (dori/_quiet.py), so a CPU user is not sent to a CUDA build
     load = "from diffusers import StableDiffusionPipeline; import transformers; transformers.CLIPImageProcessor"
 
     def stderr(code):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
 
-    if "requires torchvision" not in stderr(load):  # this transformers does not print it: nothing to check
-        pytest.skip("this transformers version prints no torchvision notice")
+    if "requires torchvision" not in stderr(load):  # torchvision installed, or a transformers without the notice
+        pytest.skip("no torchvision notice to filter in this environment")
     assert "requires torchvision" not in stderr("import dori; " + load)
     assert "requires torchvision" not in stderr("import dori; dori.load_pipeline('tiny')")
 
