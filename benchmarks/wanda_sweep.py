@@ -1,6 +1,6 @@
 """Wanda's layer group and sparsity on the tiny model: MR of the memorized captions against the side effect.
 
-    python benchmarks/wanda_sweep.py [GROUP:SPARSITY ...] [--per-kind 3]
+    python benchmarks/wanda_sweep.py [GROUP:SPARSITY ...] [--per-kind 3] [--model DIR]
 
 Default settings: ffn-out at 1, 10, 20, 30% per row and value at 10, 20, 30, 50%. For each: one Wanda
 mask per memorized caption; MR of each caption under its own mask (seeds 0-3, the model's guidance);
@@ -32,9 +32,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("settings", nargs="*", default=DEFAULT, help="GROUP:SPARSITY, e.g. ffn-out:0.2")
     ap.add_argument("--per-kind", type=int, default=3)
+    ap.add_argument("--model", default="tiny", help="tiny, or a retrained one (dori zoo train-tiny --out DIR)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe, metric = load_pipeline("tiny"), PixelSSIM()
+    pipe, metric = load_pipeline(args.model), PixelSSIM()
     records = load_prompt_set("tiny")
     mem = [r for r in records if r.memorized]
     others = [r.caption for r in first_per_kind([r for r in records if not r.memorized], args.per_kind)]
