@@ -104,3 +104,24 @@ def test_recaptioned_crops_train_frequent_words_and_nothing_else(tmp_path, optio
     word_ids = {tok.convert_tokens_to_ids(w + "</w>") for w in frequent_words(tok, 300)}
     assert changed - caption_ids, "no frequent word outside the captions was trained"
     assert changed <= caption_ids | word_ids, "a token outside the captions and the word list changed"
+
+
+def test_a_retrained_tiny_model_gets_the_tiny_nemo_statistics(tmp_path, monkeypatch):
+    """`dori attack --model DIR` on a model from `dori zoo train-tiny` runs NeMo as on the shipped one
+    (statistics from the model's own training data, read from its dori_recipe.json); a model without a
+    recipe still needs --stats-prompts."""
+    import shutil
+
+    from dori.analyses.demo import make_method
+    from dori.errors import DoriError
+
+    monkeypatch.setenv("DORI_CACHE", str(tmp_path / "cache"))
+    out = _short_recipe(tmp_path / "m", seed=1)
+    pipe = load_pipeline(out)
+    assert pipe.dori_recipe["seed"] == 1 and pipe.dori_recipe["data"]["n_procedural"] == 40
+    nemo = make_method("nemo", pipe, None)
+    assert all(std.shape == mean.shape and (std > 0).any() for mean, std in nemo._stats.values())
+    shutil.copytree(out, tmp_path / "plain")
+    (tmp_path / "plain" / "dori_recipe.json").unlink()
+    with pytest.raises(DoriError, match="--stats-prompts"):
+        make_method("nemo", load_pipeline(tmp_path / "plain"), None)

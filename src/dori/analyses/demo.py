@@ -133,10 +133,10 @@ def make_method(name: str, pipe, stats_prompts: str | None, overrides: dict | No
     nemo = method
     if stats_prompts:
         prompts = [r.caption for r in load_prompt_set(stats_prompts) if not r.memorized]
-    elif getattr(pipe, "dori_name", "") == "tiny":
-        from dori.data.tiny import tiny_stats_prompts
+    elif getattr(pipe, "dori_recipe", None) is not None:  # the tiny model, shipped or retrained
+        from dori.data.tiny import spec_from_recipe, tiny_stats_prompts
 
-        prompts = tiny_stats_prompts()
+        prompts = tiny_stats_prompts(spec=spec_from_recipe(pipe.dori_recipe))
     else:
         raise DoriError("NeMo needs non-memorized prompts for its activation statistics: pass "
                         "--stats-prompts FILE (e.g. NeMo's unmemorized_laion_prompts.csv or a .txt)")
@@ -310,7 +310,7 @@ def run_demo(
     if list(stages) == ["detect"]:
         require_both_kinds(records)
     pipe = load_pipeline(model, device=device)
-    if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_name", "") != "tiny" \
+    if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_recipe", None) is None \
             and tuple(stages) == DEFAULT_STAGES:
         log.warning("NeMo skipped: on this model it needs non-memorized prompts for its activation "
                     "statistics; pass --stats-prompts FILE (or --stages without nemo)")

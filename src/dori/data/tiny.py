@@ -70,13 +70,23 @@ def replication_scores(images, records: list[PromptRecord] | None = None):
     return refs, metric.pairwise(images, ref_images), metric.thresholds_for(ref_images, images.shape[-1])
 
 
-def tiny_stats_prompts(n_procedural: int = 400, seed: int = 12345) -> list[str]:
+def tiny_stats_prompts(n_procedural: int = 400, seed: int = 12345, spec: TinyDataSpec | None = None) -> list[str]:
     """Non-memorized captions for NeMo's activation statistics on the tiny model: procedural captions
-    (fresh draws), the seen-once photo captions and LFW captions. None of them is memorized."""
+    (fresh draws), the seen-once photo captions and LFW captions. None of them is memorized. ``spec``: the
+    training data of a retrained tiny model (:func:`spec_from_recipe`); default, the shipped model's."""
     from dori.zoo.tiny_data import procedural_items
 
-    spec = TinyDataSpec()
+    spec = spec or TinyDataSpec()
     caps = [c for c, _ in procedural_items(n_procedural, seed, spec.caption_background)]
     caps += [PHOTO_CAPTIONS[n] for n in spec.seen_once]
     caps += [lfw_caption(i) for i in spec.lfw_seen_once]
     return caps
+
+
+def spec_from_recipe(recipe: dict) -> TinyDataSpec:
+    """The training data of a tiny model, from the ``data`` entry of its ``dori_recipe.json``."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TinyDataSpec)}
+    data = recipe.get("data", {})
+    return TinyDataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})

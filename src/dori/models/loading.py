@@ -123,6 +123,9 @@ def load_pipeline(
     # per-model settings of the methods (e.g. the tiny model's calibrated NeMo threshold), if shipped
     f = target / "dori_defaults.json" if isinstance(target, Path) else None
     pipe.dori_method_defaults = json.loads(f.read_text()).get("methods", {}) if f and f.is_file() else {}
+    # a tiny model (the shipped one, or one retrained by `dori zoo train-tiny`) carries its recipe
+    r = target / "dori_recipe.json" if isinstance(target, Path) else None
+    pipe.dori_recipe = json.loads(r.read_text()) if r and r.is_file() else None
     pipe.dori_name = str(name_or_path)
     pipe.dori_fingerprint = weights_fingerprint(pipe)
     return pipe
