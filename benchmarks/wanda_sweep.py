@@ -7,8 +7,9 @@ mask per memorized caption; MR of each caption under its own mask (seeds 0-3, th
 and pixel-ssim between mitigated and unmitigated generations of the first ``--per-kind`` non-memorized
 captions of each kind (seeds 0-1, same seed), under the joint mask (union over the 8 captions) and under
 the first memorized caption's own mask. The tiny model's shipped setting (`dori_defaults.json`, 11%) is
-the smallest ffn-out sparsity with MR <= 0.125, read from ffn-out:0.1 ffn-out:0.11 ffn-out:0.12 ... (10% fails,
-11% passes; docs/mitigations.md).
+the smallest ffn-out sparsity with MR <= 0.125 on the grid 1, 2, 4, 6, 8, 9, 10, 11, 12% (1-10% fail, 11%
+passes; docs/mitigations.md). Apply the same grid to a retrained model before attacking it: on training seed
+2 the rule picks 4%, and Wanda + DoRI there differs from 10% (0.97 against 0.69; docs/attacks.md).
 """
 
 import argparse
