@@ -8,8 +8,11 @@ and pixel-ssim between mitigated and unmitigated generations of the first ``--pe
 captions of each kind (seeds 0-1, same seed), under the joint mask (union over the 8 captions) and under
 the first memorized caption's own mask. The tiny model's shipped setting (`dori_defaults.json`, 11%) is
 the smallest ffn-out sparsity with MR <= 0.125 on the grid 1, 2, 4, 6, 8, 9, 10, 11, 12% (1-10% fail, 11%
-passes; docs/mitigations.md). Apply the same grid to a retrained model before attacking it: on training seed
-2 the rule picks 4%, and Wanda + DoRI there differs from 10% (0.97 against 0.69; docs/attacks.md).
+passes; docs/mitigations.md). Apply the same grid to a retrained model before attacking it (on training seed
+2 the rule picks 4%, and Wanda + DoRI there differs from 10%: 0.97 against 0.69; docs/attacks.md):
+
+    python benchmarks/wanda_sweep.py --model DIR ffn-out:0.01 ffn-out:0.02 ffn-out:0.04 ffn-out:0.06 \\
+        ffn-out:0.08 ffn-out:0.09 ffn-out:0.1 ffn-out:0.11 ffn-out:0.12
 """
 
 import argparse
