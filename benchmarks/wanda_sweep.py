@@ -53,7 +53,7 @@ def main():
             return metric.pairwise(generate(pipe, others, seeds=side_seeds).images, plain).diagonal().mean().item()
 
     print(f"{'setting':14} {'MR':>5} {'sim joint':>9} {'sim own':>7}  MR per caption")
-    tried, passing = {}, {}  # layer group -> sparsities tried / with MR <= RULE_MR
+    results = {}  # layer group -> [(sparsity, MR)]
     for spec in args.settings:
         group, sparsity = spec.split(":")
         t0 = time.time()
@@ -70,12 +70,12 @@ def main():
         mr = sum(mrs) / len(mrs)
         print(f"{spec:14} {mr:5.2f} {similarity(joint):9.2f} {similarity(masks[0]):7.2f}  "
               + " ".join(f"{x:.2f}" for x in mrs) + f"  ({time.time() - t0:.0f} s)", flush=True)
-        tried.setdefault(group, []).append(float(sparsity))
-        passing.setdefault(group, []).extend([float(sparsity)] if mr <= RULE_MR else [])
-    for group, ok in passing.items():
+        results.setdefault(group, []).append((float(sparsity), mr))
+    for group, rows in results.items():
+        ok = [s for s, m in rows if m <= RULE_MR]
         if not ok:
             pick = "none of these settings passes: try higher"
-        elif min(ok) == min(tried[group]):
+        elif min(ok) == min(s for s, _ in rows):
             pick = f"{min(ok):g}, the lowest setting tried: not bracketed, try lower"
         else:
             pick = f"{min(ok):g}"
