@@ -104,3 +104,11 @@ def test_train_tiny_options_reach_the_recipe_and_unset_ones_keep_its_defaults(mo
     assert changed.data.duplicates == default.data.duplicates
     r = CliRunner().invoke(app, [*args, "--procedural-layout", "center"])
     assert r.exit_code == 2 and "anywhere, centred" in r.output and len(seen) == 2
+
+
+def test_run_file_errors_are_one_line(tmp_path):
+    f = tmp_path / "study.toml"
+    f.write_text('out = "o"\nseed = [0]\n')
+    r = _dori("run", str(f))
+    assert r.returncode == 2 and "unknown key(s) ['seed']" in r.stderr and "seeds" in r.stderr
+    assert "Traceback" not in r.stderr

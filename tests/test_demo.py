@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from dori.analyses.demo import run_demo
+from dori.analyses.runfile import load_run_file
 from dori.reports.results import write_json
 
 STAGES = ("generate", "detect", "wanda", "bypass")  # NeMo: test_nemo_wanda.py
@@ -107,6 +108,24 @@ def test_demo_resumes_without_redoing_finished_captions(demo_run, tmp_path):
     res2 = run_demo(out=out, seeds=(0,), stages=STAGES, **ATTACK)
     assert {p.name: p.stat().st_mtime_ns for p in items[2:]} == before  # untouched
     assert_same_rows(res2["samples"], res["samples"])
+
+
+def test_a_recorded_run_is_repeated_without_redoing_anything(demo_run, tmp_path):
+    src, res = demo_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    args = load_run_file(out)  # the run.json written before the run started
+    assert args["out"] == str(out) and args["seeds"] == [0] and args["attack"] == ATTACK["attack"]
+    pinned = load_run_file(out / "results.json")  # the finished run, resolved settings pinned
+    assert pinned["attack"]["lr"] == res["manifest"]["config"]["resolved_attack"]["lr"]
+    assert pinned["num_inference_steps"] == res["manifest"]["config"]["resolved_generation"]["num_inference_steps"]
+    items = {p.name: p.stat().st_mtime_ns for p in (out / "items").glob("*.json")}
+    for a in (args, pinned):
+        again = run_demo(**a, command="dori run")
+        # the recorded arguments name the same work items: nothing is redone, every row is the same
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "items").glob("*.json")} == items
+        assert again["samples"] == res["samples"] and again["bypass"]["table"] == res["bypass"]["table"]
+    assert json.loads((out / "results.json").read_text())["manifest"]["command"] == "dori run"
 
 
 def test_bypass_killed_midway_resumes_to_the_same_results(demo_run, monkeypatch):

@@ -209,6 +209,25 @@ def attack(
 
 
 @app.command()
+def run(
+    path: Path = typer.Argument(..., help="a TOML or JSON run file, a run directory (resumes it) or a results.json "
+                                          "(repeats that run)"),
+    out: Path = typer.Option(None, help="run directory (default: the file's 'out', or the run directory given)"),
+):
+    """Run the stages a run file names: for long studies, and to resume or repeat a recorded run.
+
+    A run file's keys are the arguments of `dori.analyses.demo.run_demo` (see docs/runs.md); keys it leaves
+    out take `dori attack`'s defaults (the paper's settings, every caption). Every run writes its arguments
+    to DIR/run.json before it starts, so `dori run DIR` resumes a killed run of any command."""
+    from dori.analyses.demo import run_demo
+    from dori.analyses.runfile import load_run_file
+
+    args = load_run_file(path, out)
+    res = run_demo(**args, command="dori run")
+    _print_results(res, Path(args["out"]))
+
+
+@app.command()
 def mitigate(
     method: str = typer.Option(..., help="nemo or wanda"),
     out: Path = typer.Option(..., help="run directory"),

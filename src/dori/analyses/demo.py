@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dori.analyses.mitigate import run_mitigation
+from dori.analyses.runfile import write_run_file
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
@@ -290,7 +291,8 @@ def run_demo(
                   attack=attack, budgets=list(budgets), attack_seed=attack_seed,
                   control_per_kind=control_per_kind, max_targets=max_targets, fidelity_per_kind=fidelity_per_kind,
                   token_variants=token_variants,
-                  method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors))
+                  method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors),
+                  images_dir=images_dir and str(images_dir), sscd_path=sscd_path and str(sscd_path))
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
     for name in detectors:
@@ -306,6 +308,7 @@ def run_demo(
         raise DoriError(f"stage(s) {', '.join(after)} compare with the unmitigated images: "
                         "add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
+    write_run_file(out, {"out": str(out), **config})  # `dori run OUT` resumes this run after a kill
     both = len({r.memorized for r in records}) == 2
     if list(stages) == ["detect"]:
         require_both_kinds(records)
