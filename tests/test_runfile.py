@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -17,8 +18,8 @@ def test_a_run_file_takes_the_attack_defaults_and_rejects_bad_keys(tmp_path):
     for text, message in [
         ('out = "o"\nsparsity = 0.1', "unknown key(s) ['sparsity']"),
         ('stages = ["generate"]', "names no run directory"),
-        ('out = "o"\nseeds = "0,1"', "seeds must be a list of ints"),
-        ('out = "o"\n[attack]\nstep = 10', "attack must be a table with keys among"),
+        ('out = "o"\nseeds = "0,1"', "seeds must be a list of integers"),
+        ('out = "o"\n[attack]\nstep = 10', "attack has no parameter(s) ['step']; DoRI takes steps"),
         ('out = "o"\nseeds = [0, 1', "is not valid TOML"),
     ]:
         f.write_text(text)
@@ -39,3 +40,51 @@ def test_the_documented_run_file_is_valid(tmp_path):
     args = load_run_file(tmp_path / "study.toml")
     assert args["metric"] == "sscd-nemo" and args["method_params"] == {"wanda": {"sparsity": 0.01}}
     assert args["attack"] == {"restarts": 1} and args["stages"] == ["generate", "nemo", "wanda", "bypass"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('out = "o"\nseed = [0]', "unknown key(s) ['seed'] (seed: did you mean seeds?)"),
+    ('out = "o"\nmax_targets = "3"', "max_targets must be an integer, got '3'"),
+    ('out = "o"\nper_prompt_fidelity = "no"', "per_prompt_fidelity must be true or false"),
+    ('out = "o"\nstages = ["generate", 3]', "stages must be a list of texts"),
+    ('out = "o"\n[attack]\nrestarts = "1"', "attack.restarts must be an integer"),
+    ('out = "o"\n[attack]\ninit = "bogus"', "attack: init must be 'prompt', 'random' or 'embeds'"),
+    ('out = "o"\n[method_params.wandaa]\nsparsity = 0.1', "method_params has tables for ['wandaa']"),
+])
+def test_a_wrong_value_is_named_before_anything_runs(tmp_path, text, message):
+    f = tmp_path / "study.toml"
+    f.write_text(text)
+    with pytest.raises(DoriError, match=re.escape(message)):
+        load_run_file(f)
+
+
+def test_run_json_is_written_before_the_run_and_resumes_it(tmp_path, monkeypatch):
+    import dori.analyses.demo as demo
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the kill, while the model loads
+
+    monkeypatch.setattr(demo, "load_pipeline", killed)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out=out, seeds=(2, 5), stages=["generate", "wanda"], method_params={"wanda": {"sparsity": 0.2}})
+    args = load_run_file(out)  # what `dori run DIR` would start again
+    assert args["out"] == str(out) and args["seeds"] == [2, 5] and args["stages"] == ["generate", "wanda"]
+    assert args["method_params"] == {"wanda": {"sparsity": 0.2}} and args["attack"] == demo.DEMO_ATTACK
+    moved = tmp_path / "moved"
+    (out / "run.json").rename(tmp_path / "run.json")
+    assert load_run_file(tmp_path / "run.json")["out"] == str(tmp_path)  # a recorded file's folder is its run
+    assert load_run_file(tmp_path / "run.json", out=moved)["out"] == str(moved)
+
+
+def test_a_recorded_file_must_hold_every_argument(tmp_path):
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps({"manifest": {"config": {"model": "tiny", "seeds": [0]}}}))
+    with pytest.raises(DoriError, match="written by an older dori and lacks .*images_dir"):
+        load_run_file(f)
+    f.write_text(json.dumps({"manifest": "x"}))
+    with pytest.raises(DoriError, match="has no manifest config"):
+        load_run_file(f)
+    j = tmp_path / "study.json"
+    j.write_text(json.dumps({"out": "o", "seeds": [0, 1], "stages": ["generate"]}))
+    assert load_run_file(j)["seeds"] == [0, 1]

@@ -216,9 +216,10 @@ def run(
 ):
     """Run the stages a run file names: for long studies, and to resume or repeat a recorded run.
 
-    A run file's keys are the arguments of `dori.analyses.demo.run_demo` (see docs/runs.md); keys it leaves
-    out take `dori attack`'s defaults (the paper's settings, every caption). Every run writes its arguments
-    to DIR/run.json before it starts, so `dori run DIR` resumes a killed run of any command."""
+    A run file's keys are the arguments of `dori.analyses.demo.run_demo` (docs/results.md, run files); keys
+    it leaves out take `dori attack`'s defaults (the paper's settings, every caption) and all five stages.
+    Every run writes its arguments to DIR/run.json before it starts, so `dori run DIR` resumes a killed
+    run of `dori demo`, `detect`, `mitigate` or `attack`."""
     from dori.analyses.demo import run_demo
     from dori.analyses.runfile import load_run_file
 

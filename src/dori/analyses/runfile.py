@@ -1,37 +1,80 @@
 """Run files: the arguments of one run (``run_demo``) in a file, for studies too long to retype.
 
 ``dori run PATH`` accepts
-- a TOML or JSON run file whose keys are ``run_demo``'s arguments (``out`` included);
-- a run directory: the ``run.json`` every run writes before it starts (so a killed run resumes with
-  ``dori run DIR``), or, for runs older than that file, its ``results.json``;
+- a TOML or JSON run file whose keys are ``run_demo``'s arguments (``out`` included); keys it leaves out
+  take the defaults of ``dori attack`` (the paper's settings, every caption), with all five stages, not
+  the demo's 5-minute sizes;
+- a run directory, or its ``run.json``: the arguments every run writes before it starts, so a killed run
+  resumes with ``dori run DIR``;
 - a ``results.json``: the recorded config, with the resolved attack and sampling settings pinned, so the
   run is repeated as it ran even if the model's defaults changed since.
-Keys a run file leaves out take the defaults of ``dori attack`` (the paper's settings, every caption),
-not the demo's 5-minute sizes. Relative paths are read from the current directory, as on the command line.
+A recorded file must hold every argument (no default is filled in). Relative paths are read from the
+current directory, as on the command line. The layout and the rules are in docs/results.md (run files).
 """
 
 from __future__ import annotations
 
-import inspect
+import difflib
 import json
 import sys
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 from dori.errors import DoriError
 
 RUN_FILE = "run.json"
-# what `dori attack` uses: the paper's attack settings, all memorized captions and control photos
+# what `dori attack` uses (the paper's attack settings, all memorized captions and control photos), with
+# every stage: generate, detect, nemo, wanda, bypass
 RUN_DEFAULTS = dict(seeds=[0, 1, 2, 3], attack={}, budgets=[0, 1, 10, 25, 50], control_per_kind=None,
                     max_targets=None, fidelity_per_kind=None, token_variants=4, per_prompt_fidelity=True)
-_INT_LISTS = ("seeds", "budgets")
-_STR_LISTS = ("stages", "detectors")
 _RESOLVED = ("resolved_generation", "resolved_attack", "threshold")  # derived by a run, never arguments
 
 
-def run_arguments() -> list[str]:
+def _hints(fn) -> dict:
+    return {k: v for k, v in typing.get_type_hints(fn).items() if k not in ("return", "command", "self")}
+
+
+def _run_hints() -> dict:
     from dori.analyses.demo import run_demo
 
-    return [name for name in inspect.signature(run_demo).parameters if name != "command"]
+    return _hints(run_demo)
+
+
+def _accepts(hint, v) -> bool:
+    """Whether a TOML/JSON value fits a parameter's annotation (lists stand for sequences and tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, v) for a in args)
+    if hint is type(None):
+        return v is None
+    if origin in (Sequence, list, tuple):
+        return isinstance(v, list) and all(_accepts(args[0], x) for x in v) if args else isinstance(v, list)
+    if origin is not None:
+        return isinstance(v, origin)
+    if hint is float:
+        return type(v) in (int, float)
+    return type(v) is hint if hint in (int, bool) else isinstance(v, hint)
+
+
+def _describe(hint, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args if a is not type(None) and a is not Path)
+    if origin in (Sequence, list, tuple):
+        return f"a list of {_describe(args[0], True)}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a table"
+    names = {str: ("text", "texts"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+             bool: ("true or false", "true or false values")}
+    return names[hint][plural] if hint in names else str(hint)
+
+
+def _check_types(args: dict, hints: dict, source, where: str = "") -> None:
+    for key, v in args.items():
+        if v is not None and not _accepts(hints[key], v):
+            raise DoriError(f"{source}: {where}{key} must be {_describe(hints[key])}, got {v!r}")
 
 
 def load_run_file(path: str | Path, out: str | Path | None = None) -> dict:
@@ -41,7 +84,7 @@ def load_run_file(path: str | Path, out: str | Path | None = None) -> dict:
         found = [path / n for n in (RUN_FILE, "results.json") if (path / n).is_file()]
         if not found:
             raise DoriError(f"{path} holds no {RUN_FILE} or results.json: give a run directory or a run file")
-        path, out = found[0], out or path
+        path = found[0]
     if not path.is_file():
         raise DoriError(f"run file {path} not found")
     text = path.read_text()
@@ -58,39 +101,55 @@ def load_run_file(path: str | Path, out: str | Path | None = None) -> dict:
         raise DoriError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(data, dict):
         raise DoriError(f"{path} must hold a table of run arguments, got {type(data).__name__}")
+    recorded = path.name == RUN_FILE or "manifest" in data  # written by a run: its folder is the run
     if "manifest" in data:  # a results.json: repeat the run as it ran
-        data = dict(data["manifest"].get("config") or {})
+        config = data["manifest"].get("config") if isinstance(data["manifest"], dict) else None
+        if not isinstance(config, dict):
+            raise DoriError(f"{path} has no manifest config: is it a dori results.json?")
+        data = dict(config)
         data.update(data.get("resolved_generation") or {})
         if data.get("resolved_attack"):
             data["attack"] = data["resolved_attack"]
-        out = out or path.parent
     for key in _RESOLVED:
         data.pop(key, None)
-    return check_run_arguments({**RUN_DEFAULTS, **data, **({"out": str(out)} if out else {})}, path)
+    if recorded:  # every argument must be there: a default filled in would not repeat the run
+        missing = sorted(set(_run_hints()) - set(data) - {"out"})
+        if missing:
+            raise DoriError(f"{path} was written by an older dori and lacks {', '.join(missing)}: write a run "
+                            "file with the arguments you want (docs/results.md, run files)")
+    else:
+        data = {**RUN_DEFAULTS, **data}
+    if out or recorded:
+        data["out"] = str(out or path.parent)
+    return check_run_arguments(data, path)
 
 
 def check_run_arguments(args: dict, source: str | Path = "run file") -> dict:
-    """Reject unknown keys and wrong types with one message naming the key and the fix."""
+    """Reject unknown keys and wrong types with one message naming the key and the fix, before a model loads."""
     from dori.attacks.dori import DoRI
 
-    known = run_arguments()
-    unknown = sorted(set(args) - set(known))
+    hints = _run_hints()
+    unknown = sorted(set(args) - set(hints))
     if unknown:
-        raise DoriError(f"{source}: unknown key(s) {unknown}; a run file takes {', '.join(known)}")
+        near = {k: difflib.get_close_matches(k, list(hints), n=1) for k in unknown}
+        hint = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
+        raise DoriError(f"{source}: unknown key(s) {unknown}{' (' + hint + ')' if hint else ''}; "
+                        f"a run file takes {', '.join(hints)}")
     if "out" not in args:
         raise DoriError(f"{source} names no run directory: add out = \"DIR\" or pass --out DIR")
-    for key in _INT_LISTS + _STR_LISTS:
-        want = int if key in _INT_LISTS else str
-        v = args.get(key)
-        if v is not None and not (isinstance(v, list) and all(type(x) is want for x in v)):
-            raise DoriError(f"{source}: {key} must be a list of {want.__name__}s, e.g. "
-                            f"{key} = {[0, 1] if want is int else ['generate', 'bypass']}, got {v!r}")
-    attack_keys = set(inspect.signature(DoRI).parameters)
-    for key, allowed in (("attack", attack_keys), ("method_params", {"nemo", "wanda"})):
-        v = args.get(key)
-        if v is not None and (not isinstance(v, dict) or set(v) - allowed):
-            raise DoriError(f"{source}: {key} must be a table with keys among {', '.join(sorted(allowed))}, "
-                            f"got {v!r}")
+    _check_types(args, hints, source)
+    attack_hints = _hints(DoRI.__init__)
+    bad = sorted(set(args.get("attack") or {}) - set(attack_hints))
+    if bad:
+        raise DoriError(f"{source}: attack has no parameter(s) {bad}; DoRI takes {', '.join(attack_hints)}")
+    _check_types(args.get("attack") or {}, attack_hints, source, "attack.")
+    try:
+        DoRI(**(args.get("attack") or {}))  # its own value checks (init, t_weighting, ranges); no model needed
+    except ValueError as e:
+        raise DoriError(f"{source}: attack: {e}") from None
+    bad = sorted(set(args.get("method_params") or {}) - {"nemo", "wanda"})
+    if bad:
+        raise DoriError(f"{source}: method_params has tables for {bad}; the methods are nemo and wanda")
     return args
 
 
