@@ -185,6 +185,8 @@ def attack(
     attack_seed: int = typer.Option(0, help="seed of DoRI's noise/timestep draws and of the baselines; rerun "
                                             "with others (each in its own --out) for the spread"),
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    early_stop: bool = typer.Option(False, help="freeze a trigger once one image it generates (a sampling seed "
+                                                "outside --seeds) replicates its target; off, as in the paper"),
     metric: str = typer.Option(None),
     sscd: str = typer.Option(None),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
@@ -204,7 +206,7 @@ def attack(
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                    attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
                    method_params=_method_params(param), per_prompt_fidelity=True, max_targets=None,
-                   fidelity_per_kind=None, command="dori attack")
+                   fidelity_per_kind=None, early_stop=early_stop, command="dori attack")
     _print_results(res, out)
 
 

@@ -27,6 +27,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate, summarize
 from dori.mitigations.masks import Mask, apply_mask
+from dori.models.generate import generate
 from dori.models.loading import model_id
 from dori.reports.images import slug
 from dori.reports.results import ItemStore, write_json
@@ -61,22 +63,39 @@ def control_records(records: Sequence[PromptRecord], per_kind: int | None = None
     return out
 
 
+def early_stop_check(pipe, metric: ReplicationMetric, images: torch.Tensor, gen_kwargs: dict, seed: int):
+    """DoRI's optional early stop in the benchmark: a trigger passes when the one image it generates with
+    sampling seed ``seed`` (not one the benchmark evaluates) replicates its target. The attacker holds
+    the target image, so the check uses nothing an attacker would not have."""
+
+    def check(triggers: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        out = generate(pipe, prompt_embeds=triggers, seeds=[seed], **gen_kwargs).images
+        return torch.stack([metric.replicated(metric.score(out[i : i + 1], images[t]), images[t])[0]
+                            for i, t in enumerate(idx)])
+
+    return check
+
+
 def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, budgets: Sequence[int],
-                  run_dir: Path, seed: int, mask: Mask | None) -> dict[int, dict[str, torch.Tensor]]:
+                  run_dir: Path, seed: int, mask: Mask | None, check=None) -> dict[int, dict[str, torch.Tensor]]:
     """Triggers of one attack call, per budget and caption; loaded from disk when already computed.
 
     With restarts, each target keeps the restart with the lowest final loss (mean of the last 5 steps):
-    the attacker's own criterion, blind to the replication metric.
+    the attacker's own criterion, blind to the replication metric. ``check(images)`` builds the early
+    stop's check for the group's target images (None: no early stop).
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
-    params = json.loads(json.dumps({"attack": attack.params(), "budgets": list(budgets), "seed": seed,
-                                    "group": [r.caption for r in recs], "model": model_id(pipe),
-                                    "mask": mask.digest() if mask is not None else None}))  # as read back
+    key = {"attack": attack.params(), "budgets": list(budgets), "seed": seed, "group": [r.caption for r in recs],
+           "model": model_id(pipe), "mask": mask.digest() if mask is not None else None}
+    if check is not None:  # only then: the triggers of runs without early stop keep their keys
+        key["early_stop"] = {"check_every": attack.check_every, "seed": check.keywords["seed"]}
+    params = json.loads(json.dumps(key))  # as read back
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
     images = torch.stack([load_reference(r) for r in recs])
-    res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets))
+    res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
+                        check=check(images) if check is not None else None)
     loss = torch.tensor(res.loss) if res.loss else torch.zeros(1, len(res.target_index))
     out: dict[int, dict[str, torch.Tensor]] = {b: {} for b in budgets}
     for ti, (rec, path) in enumerate(zip(recs, paths, strict=True)):
@@ -114,6 +133,7 @@ def run_bypass(
     group_size: int = 4,
     seed: int = 0,
     prior_rows: Sequence[dict] = (),
+    early_stop: bool = False,
 ) -> list[dict]:
     """Attack every memorized record under each setting of ``masks`` and the ``control`` records on the
     unmitigated model; return the sample rows (see the module docstring).
@@ -131,6 +151,11 @@ def run_bypass(
             settings and metric (stage "generate", setting "none"; stage "mitigate", setting = the
             mitigation). A budget-0 trigger that equals its caption's embedding exactly gives the same
             images, so those rows are relabelled (same PNGs) instead of generated again.
+        early_stop: every ``attack.check_every`` steps, generate each trigger once with a sampling seed
+            outside ``seeds`` (the first after the largest) and freeze the triggers whose image already
+            replicates their target; the attack ends when all have. A frozen trigger stands for every
+            later budget of the ladder, and each trigger's JSON records ``stopped_at``. Off by default, as
+            when reproducing the paper; it saves attack steps, not evaluation.
     """
     if token_variants < 0:
         raise DoriError(f"token_variants must be 0 or more, got {token_variants}")
@@ -138,7 +163,7 @@ def run_bypass(
     store = ItemStore(run_dir)
     budgets = sorted({0, *(int(b) for b in budgets)})  # 0: the starting embedding, first point of the curve
     if max(budgets) != attack.steps:
-        attack = DoRI(**{**attack.params(), "steps": max(budgets)})
+        attack = DoRI(**{**attack.params(), "steps": max(budgets), "check_every": attack.check_every})
     gen_kwargs = gen_kwargs or {}
     mem = [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
     jobs: list[tuple[str, Mask | None, list[PromptRecord]]] = []
@@ -157,10 +182,11 @@ def run_bypass(
     for r in prior_rows:
         if r["stage"] in ("generate", "mitigate") and r["budget"] == 0:
             plain[(r["setting"], r["caption"])].append(r)
+    check = partial(early_stop_check, pipe, metric, gen_kwargs=gen_kwargs, seed=max(seeds) + 1) if early_stop else None
     rows: list[dict] = []
     for setting, mask, recs in tqdm(jobs, desc="bypass"):
         with apply_mask(pipe, mask) if mask is not None else nullcontext():
-            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask)
+            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask, check)
             under = (mask.digest(),) if mask is not None else ()  # item keys: never reuse another mask's images
             extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
             # every budget and baseline of this job in one request list: their images share UNet batches

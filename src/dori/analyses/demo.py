@@ -261,6 +261,7 @@ def run_demo(
     method_params: dict[str, dict] | None = None,
     per_prompt_fidelity: bool = False,
     detectors: Sequence[str] = DETECTORS,
+    early_stop: bool = False,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
@@ -278,7 +279,9 @@ def run_demo(
     a mitigation's parameters (``{"wanda": {"sparsity": 0.1}}``) and ``attack`` DoRI's (default: the
     model's shipped settings); ``budgets`` is the cost-curve ladder (the attack runs ``max(budgets)``
     steps); ``attack_seed`` seeds DoRI's (noise, timestep) draws and the baselines' perturbations (repeat
-    a run with other seeds, each in its own folder, for the spread of the bypass numbers).
+    a run with other seeds, each in its own folder, for the spread of the bypass numbers). ``early_stop``
+    freezes each trigger once one image it generates (a sampling seed outside ``seeds``) replicates its
+    target (off by default, as when reproducing the paper; see ``run_bypass``).
 
     A killed run started again with the same arguments reuses the items it had finished.
     """
@@ -292,7 +295,8 @@ def run_demo(
                   control_per_kind=control_per_kind, max_targets=max_targets, fidelity_per_kind=fidelity_per_kind,
                   token_variants=token_variants,
                   method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors),
-                  images_dir=images_dir and str(images_dir), sscd_path=sscd_path and str(sscd_path))
+                  images_dir=images_dir and str(images_dir), sscd_path=sscd_path and str(sscd_path),
+                  early_stop=early_stop)
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
     for name in detectors:
@@ -370,7 +374,7 @@ def run_demo(
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
                           control=control_records(records, control_per_kind), max_targets=max_targets,
-                          token_variants=token_variants, seed=attack_seed, prior_rows=samples)
+                          token_variants=token_variants, seed=attack_seed, prior_rows=samples, early_stop=early_stop)
         samples += rows
         results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori)}
         man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
