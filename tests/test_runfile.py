@@ -75,6 +75,10 @@ def test_run_json_is_written_before_the_run_and_resumes_it(tmp_path, monkeypatch
     (out / "run.json").rename(tmp_path / "run.json")
     assert load_run_file(tmp_path / "run.json")["out"] == str(tmp_path)  # a recorded file's folder is its run
     assert load_run_file(tmp_path / "run.json", out=moved)["out"] == str(moved)
+    older = json.loads((tmp_path / "run.json").read_text())
+    del older["early_stop"]  # a run.json written before early stop existed repeats a run without it
+    (tmp_path / "run.json").write_text(json.dumps(older))
+    assert load_run_file(tmp_path / "run.json")["early_stop"] is False
 
 
 def test_a_recorded_file_must_hold_every_argument(tmp_path):

@@ -30,6 +30,8 @@ RUN_FILE = "run.json"
 RUN_DEFAULTS = dict(seeds=[0, 1, 2, 3], attack={}, budgets=[0, 1, 10, 25, 50], control_per_kind=None,
                     max_targets=None, fidelity_per_kind=None, token_variants=4, per_prompt_fidelity=True)
 _RESOLVED = ("resolved_generation", "resolved_attack", "threshold")  # derived by a run, never arguments
+# arguments added after run.json was, with the value that repeats a run recorded before them
+_ADDED_LATER = {"early_stop": False}
 
 
 def _hints(fn) -> dict:
@@ -112,7 +114,8 @@ def load_run_file(path: str | Path, out: str | Path | None = None) -> dict:
             data["attack"] = data["resolved_attack"]
     for key in _RESOLVED:
         data.pop(key, None)
-    if recorded:  # every argument must be there: a default filled in would not repeat the run
+    if recorded:  # every argument, or one added later with the value that repeats older runs
+        data = {**_ADDED_LATER, **data}
         missing = sorted(set(_run_hints()) - set(data) - {"out"})
         if missing:
             raise DoriError(f"{path} was written by an older dori and lacks {', '.join(missing)}: write a run "
