@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from dori.attacks.dori import DoRI
 from dori.data.prompts import load_reference
 from dori.data.tiny import tiny_prompt_set
+from dori.reports.images import slug
 
 
 @torch.no_grad()
@@ -157,26 +158,32 @@ def test_bypass_attack_seed_changes_the_triggers_and_is_recorded(tiny_pipe, tmp_
 
 def test_bypass_early_stop_freezes_triggers_that_already_replicate(tiny_pipe, tmp_path):
     """`dori attack --early-stop`: on the unmitigated model a memorized caption's trigger replicates at the
-    first check, so it is frozen there and stands for the later budget; without it the trigger moves on."""
+    first check, so it is frozen there and stands for the later budget; a held-out photo's never passes,
+    and without early stop the trigger moves on."""
     from dori.analyses.bypass import run_bypass
     from dori.analyses.demo import make_attack
     from dori.metrics.pixel import PixelSSIM
 
-    rec = next(r for r in tiny_prompt_set() if r.memorized and r.reference)
+    recs = tiny_prompt_set()
+    rec = next(r for r in recs if r.memorized and r.reference)
+    held = next(r for r in recs if r.kind == "held_out" and r.reference)
     attack = make_attack(tiny_pipe, {"pairs": 2, "check_every": 2})
     got = {}
     for early in (False, True):
         out = tmp_path / str(early)
         rows = run_bypass(tiny_pipe, [rec], {"none": None}, PixelSSIM(), out, attack=attack, budgets=[0, 2, 4],
-                          seeds=[0], random_baseline=False, early_stop=early)
-        meta = json.loads(next((out / "triggers" / "none").glob("*.json")).read_text())
-        t = load_file(str(next((out / "triggers" / "none").glob("*.safetensors"))))
-        got[early] = meta, t, {r["budget"]: r["score"] for r in rows if r["setting"] == "none+dori"}
-    meta, t, scores = got[True]
-    assert meta["stopped_at"] == 2 and meta["params"]["early_stop"] == {"check_every": 2, "seed": 1}
-    assert len(meta["loss"]) == 2  # the loop ended with the last trigger frozen
+                          seeds=[0], random_baseline=False, early_stop=early, control=[held])
+        metas = [json.loads(p.read_text()) for p in (out / "triggers" / "none").glob("*.json")]
+        metas = {m["caption"]: m for m in metas}
+        t = load_file(str(out / "triggers" / "none" / f"{slug(rec.caption)}.safetensors"))
+        got[early] = metas, t, {r["budget"]: r["score"] for r in rows if r["caption"] == rec.caption}
+    metas, t, scores = got[True]
+    meta = metas[rec.caption]
+    assert meta["stopped_at"] == 2 and meta["params"]["early_stop"]["check_every"] == 2
+    assert meta["params"]["early_stop"]["seed"] == 1  # a sampling seed the benchmark does not evaluate
+    assert len(meta["loss"]) == 2  # its group had one target: the loop ended when it froze
     assert torch.equal(t["budget_4"], t["budget_2"]) and scores[4] == scores[2]
-    meta, t, _ = got[False]
-    assert meta["stopped_at"] is None and "early_stop" not in meta["params"] and len(meta["loss"]) == 4
+    assert metas[held.caption]["stopped_at"] is None and len(metas[held.caption]["loss"]) == 4
+    metas, t, _ = got[False]
+    assert metas[rec.caption]["stopped_at"] is None and "early_stop" not in metas[rec.caption]["params"]
     assert not torch.equal(t["budget_4"], t["budget_2"])
-    assert torch.equal(t["budget_2"], got[True][1]["budget_2"])  # the same path up to the stop

@@ -70,37 +70,46 @@ def early_stop_check(pipe, metric: ReplicationMetric, images: torch.Tensor, gen_
 
     def check(triggers: torch.Tensor, idx: list[int]) -> torch.Tensor:
         out = generate(pipe, prompt_embeds=triggers, seeds=[seed], **gen_kwargs).images
-        return torch.stack([metric.replicated(metric.score(out[i : i + 1], images[t]), images[t])[0]
-                            for i, t in enumerate(idx)])
+        # the threshold each row of the evaluation uses (per reference, at the generated size)
+        return torch.tensor([float(metric.score(out[i : i + 1], images[t])[0])
+                             > metric.threshold_for(images[t], out.shape[-1]) for i, t in enumerate(idx)])
 
     return check
 
 
+def early_stop_info(attack: DoRI, metric: ReplicationMetric, gen_kwargs: dict, seeds: Sequence[int]) -> dict:
+    """What the early stop's check depends on: part of the triggers' cache key and of results.json."""
+    return {"check_every": attack.check_every, "seed": max(seeds) + 1, "metric": repr(metric),
+            "generation": dict(gen_kwargs)}
+
+
 def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, budgets: Sequence[int],
-                  run_dir: Path, seed: int, mask: Mask | None, check=None) -> dict[int, dict[str, torch.Tensor]]:
+                  run_dir: Path, seed: int, mask: Mask | None, early: tuple | None = None,
+                  ) -> dict[int, dict[str, torch.Tensor]]:
     """Triggers of one attack call, per budget and caption; loaded from disk when already computed.
 
     With restarts, each target keeps the restart with the lowest final loss (mean of the last 5 steps):
-    the attacker's own criterion, blind to the replication metric. ``check(images)`` builds the early
-    stop's check for the group's target images (None: no early stop).
+    the attacker's own criterion, blind to the replication metric; with early stop, the restart that
+    passed the check first, if one did. ``early``: the early stop's ``(make_check(images), key)``, or None.
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
     key = {"attack": attack.params(), "budgets": list(budgets), "seed": seed, "group": [r.caption for r in recs],
            "model": model_id(pipe), "mask": mask.digest() if mask is not None else None}
-    if check is not None:  # only then: the triggers of runs without early stop keep their keys
-        key["early_stop"] = {"check_every": attack.check_every, "seed": check.keywords["seed"]}
+    if early is not None:  # only then: the triggers of runs without early stop keep their keys
+        key["early_stop"] = early[1]
     params = json.loads(json.dumps(key))  # as read back
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
     images = torch.stack([load_reference(r) for r in recs])
     res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
-                        check=check(images) if check is not None else None)
+                        check=early[0](images) if early is not None else None)
     loss = torch.tensor(res.loss) if res.loss else torch.zeros(1, len(res.target_index))
     out: dict[int, dict[str, torch.Tensor]] = {b: {} for b in budgets}
     for ti, (rec, path) in enumerate(zip(recs, paths, strict=True)):
         rows = [i for i, t in enumerate(res.target_index) if t == ti]
-        best = min(rows, key=lambda i: float(loss[-5:, i].mean()))
+        stop = res.stopped_at
+        best = min(rows, key=lambda i: (stop[i] is None, stop[i] or 0, float(loss[-5:, i].mean())))
         tensors = {f"budget_{b}": res.at(b)[best].contiguous().cpu() for b in budgets}
         for b in budgets:
             out[b][rec.caption] = tensors[f"budget_{b}"]
@@ -182,11 +191,14 @@ def run_bypass(
     for r in prior_rows:
         if r["stage"] in ("generate", "mitigate") and r["budget"] == 0:
             plain[(r["setting"], r["caption"])].append(r)
-    check = partial(early_stop_check, pipe, metric, gen_kwargs=gen_kwargs, seed=max(seeds) + 1) if early_stop else None
+    early = None
+    if early_stop:
+        info = early_stop_info(attack, metric, gen_kwargs, seeds)
+        early = (partial(early_stop_check, pipe, metric, gen_kwargs=gen_kwargs, seed=info["seed"]), info)
     rows: list[dict] = []
     for setting, mask, recs in tqdm(jobs, desc="bypass"):
         with apply_mask(pipe, mask) if mask is not None else nullcontext():
-            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask, check)
+            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask, early)
             under = (mask.digest(),) if mask is not None else ()  # item keys: never reuse another mask's images
             extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
             # every budget and baseline of this job in one request list: their images share UNet batches

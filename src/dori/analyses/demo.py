@@ -367,16 +367,27 @@ def run_demo(
             samples += res["samples"]
             mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:
-        from dori.analyses.bypass import bypass_table, control_records, plot_bypass, run_bypass, trigger_seconds
+        from dori.analyses.bypass import (
+            bypass_table,
+            control_records,
+            early_stop_info,
+            plot_bypass,
+            run_bypass,
+            trigger_seconds,
+        )
 
         dori = make_attack(pipe, attack)
-        config["resolved_attack"] = dori.params()
+        config["resolved_attack"] = dori.params() | ({"check_every": dori.check_every} if early_stop else {})
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
                           control=control_records(records, control_per_kind), max_targets=max_targets,
                           token_variants=token_variants, seed=attack_seed, prior_rows=samples, early_stop=early_stop)
         samples += rows
-        results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori)}
+        results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori), "early_stop": None}
+        if early_stop:  # the triggers stopped early: say so wherever the numbers are shown
+            results["bypass"]["early_stop"] = early_stop_info(dori, m, gen, seeds)
+            results["bypass"]["attack"] += (f", early stop (check every {dori.check_every} steps at sampling seed "
+                                            f"{max(seeds) + 1}; a frozen trigger stands for later budgets)")
         man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
         results["plots"] += plot_bypass(results["bypass"], samples, m.threshold, out / "plots")
     for mres in mitigations.values():
