@@ -385,9 +385,9 @@ def run_demo(
         samples += rows
         results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori), "early_stop": None}
         if early_stop:  # the triggers stopped early: say so wherever the numbers are shown
-            results["bypass"]["early_stop"] = early_stop_info(dori, m, gen, seeds)
-            results["bypass"]["attack"] += (f", early stop (check every {dori.check_every} steps at sampling seed "
-                                            f"{max(seeds) + 1}; a frozen trigger stands for later budgets)")
+            info = results["bypass"]["early_stop"] = early_stop_info(dori, m, gen, seeds)
+            results["bypass"]["attack"] += (f", early stop (check every {info['check_every']} steps at sampling "
+                                            f"seed {info['seed']}; a frozen trigger stands for later budgets)")
         man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
         results["plots"] += plot_bypass(results["bypass"], samples, m.threshold, out / "plots")
     for mres in mitigations.values():
