@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dori.analyses.runfile import RUN_DEFAULTS
 from dori.errors import DoriError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -17,6 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 zoo = typer.Typer(no_args_is_help=True, help="Build the embedded tiny model and its pieces.")
 app.add_typer(zoo, name="zoo")
 console = Console(stderr=True, soft_wrap=True)
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _ints(text: str, option: str = "--seeds") -> tuple[int, ...]:
@@ -174,14 +179,15 @@ def attack(
     model: str = typer.Option("tiny"),
     prompts: str = typer.Option("tiny", help="prompt set name or file"),
     images_dir: str = typer.Option(None),
-    seeds: str = typer.Option("0,1,2,3"),
-    budgets: str = typer.Option("0,1,10,25,50", help="cost-curve ladder of attack steps"),
+    seeds: str = typer.Option(_csv(RUN_DEFAULTS["seeds"])),
+    budgets: str = typer.Option(_csv(RUN_DEFAULTS["budgets"]), help="cost-curve ladder of attack steps"),
     lr: float = typer.Option(None, help="Adam learning rate (default: the model's setting)"),
     pairs: int = typer.Option(None, help="(noise, timestep) pairs per step (default 8)"),
     restarts: int = typer.Option(None, help="independent triggers per target; the lowest final loss is kept"),
     init: str = typer.Option(None, help="prompt (default), random"),
     control: int = typer.Option(None, help="control photos per kind (seen-once, held-out); default: all"),
-    token_variants: int = typer.Option(4, help="word-perturbed prompts per target (the discrete baseline)"),
+    token_variants: int = typer.Option(RUN_DEFAULTS["token_variants"],
+                                       help="word-perturbed prompts per target (the discrete baseline)"),
     attack_seed: int = typer.Option(0, help="seed of DoRI's noise/timestep draws and of the baselines; rerun "
                                             "with others (each in its own --out) for the spread"),
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
@@ -205,8 +211,8 @@ def attack(
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                    attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
-                   method_params=_method_params(param), per_prompt_fidelity=True, max_targets=None,
-                   fidelity_per_kind=None, early_stop=early_stop, command="dori attack")
+                   method_params=_method_params(param), early_stop=early_stop, command="dori attack",
+                   **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
     _print_results(res, out)
 
 

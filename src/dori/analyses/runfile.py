@@ -8,7 +8,8 @@
   resumes with ``dori run DIR``;
 - a ``results.json``: the recorded config, with the resolved attack and sampling settings pinned, so the
   run is repeated as it ran even if the model's defaults changed since.
-A recorded file must hold every argument (no default is filled in). Relative paths are read from the
+A recorded file must hold every argument (no default is filled in, except for arguments added since, with
+the value that repeats the older run). Relative paths are read from the
 current directory, as on the command line. The layout and the rules are in docs/results.md (run files).
 """
 
@@ -22,12 +23,14 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from dori.analyses.bypass import PAPER_BUDGETS
 from dori.errors import DoriError
 
 RUN_FILE = "run.json"
 # what `dori attack` uses (the paper's attack settings, all memorized captions and control photos), with
 # every stage: generate, detect, nemo, wanda, bypass
-RUN_DEFAULTS = dict(seeds=[0, 1, 2, 3], attack={}, budgets=[0, 1, 10, 25, 50], control_per_kind=None,
+# (`dori attack` takes its defaults from here too, so the two cannot drift apart)
+RUN_DEFAULTS = dict(seeds=[0, 1, 2, 3], attack={}, budgets=list(PAPER_BUDGETS), control_per_kind=None,
                     max_targets=None, fidelity_per_kind=None, token_variants=4, per_prompt_fidelity=True)
 _RESOLVED = ("resolved_generation", "resolved_attack", "threshold")  # derived by a run, never arguments
 # arguments added after run.json was, with the value that repeats a run recorded before them
