@@ -100,6 +100,10 @@ def _list(text: str) -> list[str]:
 
 
 def _print_results(res: dict, out: Path) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # started by accelerate launch / torchrun: the first process prints
+        return
     if res["aggregates"]:
         _print_replication(res)
     _print_analyses(res, out)

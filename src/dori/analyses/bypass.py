@@ -31,9 +31,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
 
+from dori.analyses.distributed import SOLO, Shard
 from dori.analyses.replication import EvalRequest, evaluate_requests
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
@@ -45,7 +45,7 @@ from dori.mitigations.masks import Mask, apply_mask
 from dori.models.generate import generate
 from dori.models.loading import model_id
 from dori.reports.images import slug
-from dori.reports.results import ItemStore, write_json
+from dori.reports.results import ItemStore, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,13 @@ def early_stop_info(attack: DoRI, metric: ReplicationMetric, gen_kwargs: dict, s
 
 def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, budgets: Sequence[int],
                   run_dir: Path, seed: int, mask: Mask | None, early: tuple | None = None,
-                  ) -> dict[int, dict[str, torch.Tensor]]:
+                  process: int = 0) -> dict[int, dict[str, torch.Tensor]]:
     """Triggers of one attack call, per budget and caption; loaded from disk when already computed.
 
     With restarts, each target keeps the restart with the lowest final loss (mean of the last 5 steps):
     the attacker's own criterion, blind to the replication metric; with early stop, the restart that
     passed the check first, if one did. ``early``: the early stop's ``(make_check(images), key)``, or None.
+    ``process``: the process of the run that computes them, recorded with them.
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
     key = {"attack": attack.params(), "budgets": list(budgets), "seed": seed, "group": [r.caption for r in recs],
@@ -115,11 +116,8 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
             out[b][rec.caption] = tensors[f"budget_{b}"]
         meta = {"params": params, "caption": rec.caption, "restart": rows.index(best),
                 "loss": [step[best] for step in res.loss], "distance": [step[best] for step in res.distance],
-                "seconds_group": round(res.seconds, 2), "stopped_at": res.stopped_at[best]}
-        tmp = path.with_suffix(".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+                "seconds_group": round(res.seconds, 2), "stopped_at": res.stopped_at[best], "process": process}
+        write_safetensors(path, tensors)
         write_json(path.with_suffix(".json"), meta)  # written last: marks the trigger file as complete
     return out
 
@@ -143,6 +141,7 @@ def run_bypass(
     seed: int = 0,
     prior_rows: Sequence[dict] = (),
     early_stop: bool = False,
+    shard: Shard = SOLO,
 ) -> list[dict]:
     """Attack every memorized record under each setting of ``masks`` and the ``control`` records on the
     unmitigated model; return the sample rows (see the module docstring).
@@ -165,6 +164,7 @@ def run_bypass(
             replicates their target; the attack ends when all have. A frozen trigger stands for every
             later budget of the ladder, and each trigger's JSON records ``stopped_at``. Off by default, as
             when reproducing the paper; it saves attack steps, not evaluation.
+        shard: this process's share of the attack groups when several run (:mod:`dori.analyses.distributed`).
     """
     if token_variants < 0:
         raise DoriError(f"token_variants must be 0 or more, got {token_variants}")
@@ -195,10 +195,12 @@ def run_bypass(
     if early_stop:
         info = early_stop_info(attack, metric, gen_kwargs, seeds)
         early = (partial(early_stop_check, pipe, metric, gen_kwargs=gen_kwargs, seed=info["seed"]), info)
-    rows: list[dict] = []
-    for setting, mask, recs in tqdm(jobs, desc="bypass"):
+    def job_rows(job: tuple[str, Mask | None, list[PromptRecord]]) -> list[dict]:
+        """One attack group under its mask: its triggers, and the rows of every budget and baseline."""
+        setting, mask, recs = job
+        rows: list[dict] = []
         with apply_mask(pipe, mask) if mask is not None else nullcontext():
-            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask, early)
+            trig = _attack_group(pipe, attack, recs, setting, budgets, run_dir, seed, mask, early, shard.rank)
             under = (mask.digest(),) if mask is not None else ()  # item keys: never reuse another mask's images
             extra = {"attack": "dori", "mask_size": len(mask) if mask is not None else 0}
             # every budget and baseline of this job in one request list: their images share UNet batches
@@ -235,7 +237,9 @@ def run_bypass(
             done = evaluate_requests(pipe, [q for q, _ in reqs], seeds, metric, run_dir, store=store,
                                      gen_kwargs=gen_kwargs)
             rows += [finish(r) for (_, finish), got in zip(reqs, done, strict=True) for r in got]
-    return rows
+        return rows
+
+    return [r for got in shard.each(jobs, job_rows, desc="bypass") for r in got]
 
 
 def _unchanged(pipe, recs, trig0: dict[str, torch.Tensor], plain, setting: str, seeds) -> dict[str, list[dict]]:

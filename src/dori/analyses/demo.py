@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from dori.analyses.distributed import Shard
 from dori.analyses.mitigate import run_mitigation
 from dori.analyses.runfile import write_run_file
 from dori.data.prompts import load_prompt_set
@@ -283,7 +284,9 @@ def run_demo(
     freezes each trigger once one image it generates (a sampling seed outside ``seeds``) replicates its
     target (off by default, as when reproducing the paper; see ``run_bypass``).
 
-    A killed run started again with the same arguments reuses the items it had finished.
+    A killed run started again with the same arguments reuses the items it had finished. Started by
+    ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
+    each returns the results, the first writes them.
     """
     t0 = time.time()
     out = Path(out)
@@ -312,11 +315,14 @@ def run_demo(
         raise DoriError(f"stage(s) {', '.join(after)} compare with the unmitigated images: "
                         "add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
-    write_run_file(out, {"out": str(out), **config})  # `dori run OUT` resumes this run after a kill
+    shard = Shard.from_env(device)
+    man["processes"] = shard.world
+    if shard.main:
+        write_run_file(out, {"out": str(out), **config})  # `dori run OUT` resumes this run after a kill
     both = len({r.memorized for r in records}) == 2
     if list(stages) == ["detect"]:
         require_both_kinds(records)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=shard.device(device))
     if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_recipe", None) is None \
             and tuple(stages) == DEFAULT_STAGES:
         log.warning("NeMo skipped: on this model it needs non-memorized prompts for its activation "
@@ -339,7 +345,7 @@ def run_demo(
     from dori.analyses.replication import evaluate_replication
 
     store = ItemStore(out)
-    samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen) \
+    samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen, shard=shard) \
         if "generate" in stages else []
     results = {
         "schema_version": SCHEMA_VERSION,
@@ -353,17 +359,19 @@ def run_demo(
     if "detect" in stages and not both:
         log.warning("detection skipped: it compares memorized with other prompts and this set has only one kind")
     elif "detect" in stages:
-        results["detection"] = run_detection(pipe, records, store, seeds, detectors,
-                                             (method_params or {}).get("nemo", {}).get("pairwise_threshold"))
-        roc_plot(results["detection"], out / "plots" / "roc.png")
-        results["plots"].append({"title": "Detection ROC", "path": "plots/roc.png"})
+        thr = (method_params or {}).get("nemo", {}).get("pairwise_threshold")
+        results["detection"] = [det for got in shard.each(list(detectors), lambda name: run_detection(
+            pipe, records, store, seeds, [name], thr)) for det in got]
+        if shard.main:
+            roc_plot(results["detection"], out / "plots" / "roc.png")
+            results["plots"].append({"title": "Detection ROC", "path": "plots/roc.png"})
     mitigations = {}
     for name in ("nemo", "wanda"):
         if name in stages:
             method = methods[name]
             plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
             res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity,
-                                 max_targets, fidelity_per_kind)
+                                 max_targets, fidelity_per_kind, shard)
             samples += res["samples"]
             mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:
@@ -381,7 +389,8 @@ def run_demo(
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
                           control=control_records(records, control_per_kind), max_targets=max_targets,
-                          token_variants=token_variants, seed=attack_seed, prior_rows=samples, early_stop=early_stop)
+                          token_variants=token_variants, seed=attack_seed, prior_rows=samples, early_stop=early_stop,
+                          shard=shard)
         samples += rows
         results["bypass"] = bypass_table(samples, budgets) | {"attack": repr(dori), "early_stop": None}
         if early_stop:  # the triggers stopped early: say so wherever the numbers are shown
@@ -389,7 +398,8 @@ def run_demo(
             results["bypass"]["attack"] += (f", early stop (check every {info['check_every']} steps at sampling "
                                             f"seed {info['seed']}; a frozen trigger stands for later budgets)")
         man["attack_timing"] = trigger_seconds(out, rows)  # wall time: a fact of this run, kept with the manifest
-        results["plots"] += plot_bypass(results["bypass"], samples, m.threshold, out / "plots")
+        if shard.main:
+            results["plots"] += plot_bypass(results["bypass"], samples, m.threshold, out / "plots")
     for mres in mitigations.values():
         del mres["masks"]  # saved under masks/; results.json keeps the tables
     if mitigations:
@@ -398,10 +408,11 @@ def run_demo(
     proc = procedural_accuracy(samples)
     if proc:
         results["procedural"] = proc
-    if samples:
-        score_histogram(samples, m.threshold, out / "plots" / "scores.png")
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     man["seconds"] = round(time.time() - t0, 1)
-    write_json(out / "results.json", results)
-    render_report(out)
+    if shard.main:
+        if samples:
+            score_histogram(samples, m.threshold, out / "plots" / "scores.png")
+        write_json(out / "results.json", results)
+        render_report(out)
     return results

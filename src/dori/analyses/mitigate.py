@@ -17,8 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from dori.analyses.distributed import SOLO, Shard
 from dori.analyses.replication import evaluate_replication
 from dori.data.prompts import PromptRecord
 from dori.metrics.base import ReplicationMetric
@@ -31,27 +30,30 @@ from dori.reports.results import ItemStore
 log = logging.getLogger(__name__)
 
 
-def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path) -> dict[str, Mask]:
-    """One mask per record, loaded from the run directory when a previous run already computed it."""
-    masks = {}
+def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path,
+                   shard: Shard = SOLO) -> dict[str, Mask]:
+    """One mask per record, loaded from the run directory when a previous run (or another process of
+    this one) already computed it."""
     params = json.loads(json.dumps(method.params(), default=str))  # as it reads back from the mask's JSON
     model = model_id(pipe)
-    for rec in tqdm(records, desc=f"{method.name} localize"):
+
+    def one(rec: PromptRecord) -> Mask:
         path = run_dir / "masks" / method.name / slug(rec.caption)
         if path.with_suffix(".json").is_file():
             saved = Mask.load(path)
             if saved.meta.get("params") == params and saved.meta.get("model") == model:
-                masks[rec.caption] = saved
-                continue
+                return saved
             log.info("%s: the saved mask of %r was made with other parameters or another model; localizing again",
                      method.name, rec.caption[:60])
         t0 = time.time()
         res = method.localize(pipe, rec.caption)
         mask = res.mask if hasattr(res, "mask") else res
-        mask.meta.update(seconds=round(time.time() - t0, 2), params=params, model=model)
+        mask.meta.update(seconds=round(time.time() - t0, 2), params=params, model=model, process=shard.rank)
         mask.save(path)
-        masks[rec.caption] = mask
-    return masks
+        return mask
+
+    got = shard.each(list(records), one, desc=f"{method.name} localize")
+    return {rec.caption: mask for rec, mask in zip(records, got, strict=True)}
 
 
 def first_per_kind(records: Sequence[PromptRecord], n: int | None) -> list[PromptRecord]:
@@ -68,7 +70,7 @@ def first_per_kind(records: Sequence[PromptRecord], n: int | None) -> list[Promp
 def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequence[int],
                    metric: ReplicationMetric, run_dir: str | Path, gen_kwargs: dict,
                    baseline_rows: list[dict], per_prompt_fidelity: bool = False, max_targets: int | None = None,
-                   fidelity_per_kind: int | None = None) -> dict:
+                   fidelity_per_kind: int | None = None, shard: Shard = SOLO) -> dict:
     """Localize per memorized prompt, evaluate, and return ``{"samples", "table", "summary", "masks"}``.
 
     ``max_targets`` mitigates only the first this many memorized records (None = all);
@@ -78,40 +80,44 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
     With ``per_prompt_fidelity``, each non-memorized caption is also generated under one memorized
     caption's own mask (assigned in turn; setting ``<method>-own``), the intervention the per-image
     evaluation makes, next to the joint mask's (the union over all memorized captions).
+    ``shard``: this process's share of the work when several run (:mod:`dori.analyses.distributed`).
     """
     run_dir = Path(run_dir)
     store = ItemStore(run_dir)
     mem = [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
     others = first_per_kind([r for r in records if not r.memorized], fidelity_per_kind)
-    masks = localize_masks(pipe, method, mem, run_dir)
-    rows = []
-    for rec in mem:
-        with apply_mask(pipe, masks[rec.caption]):
-            rows += evaluate_replication(pipe, [rec], seeds, metric, run_dir, stage="mitigate",
-                                         setting=method.name, store=store, gen_kwargs=gen_kwargs,
-                                         item_extra={"mask_size": len(masks[rec.caption])},
-                                         key_extra=(masks[rec.caption].digest(),))
+    masks = localize_masks(pipe, method, mem, run_dir, shard)
+
+    def under(mask: Mask, recs: Sequence[PromptRecord], setting: str, **extra) -> list[dict]:
+        with apply_mask(pipe, mask):
+            return evaluate_replication(pipe, recs, seeds, metric, run_dir, stage="mitigate", setting=setting,
+                                        store=store, gen_kwargs=gen_kwargs, key_extra=(mask.digest(),), **extra)
+
+    def own(rec: PromptRecord) -> list[dict]:  # a memorized caption under its own mask
+        mask = masks[rec.caption]
+        return under(mask, [rec], method.name, item_extra={"mask_size": len(mask)})
+
+    rows = [r for got in shard.each(mem, own) for r in got]
     joint = None
     for m in masks.values():
         joint = m if joint is None else joint.union(m)
     joint.meta = {"method": method.name, "joint_over": [r.caption for r in mem]}
-    joint.save(run_dir / "masks" / method.name / "_joint")
+    if shard.main:
+        joint.save(run_dir / "masks" / method.name / "_joint")
     with apply_mask(pipe, joint):
         rows += evaluate_replication(pipe, others, seeds, metric, run_dir, stage="mitigate",
                                      setting=f"{method.name}-joint", store=store, gen_kwargs=gen_kwargs,
-                                     key_extra=(joint.digest(),))
+                                     key_extra=(joint.digest(),), shard=shard)
 
     own_rows = []
     if per_prompt_fidelity and mem:
-        for i, m_rec in enumerate(mem):
-            assigned = others[i :: len(mem)]
-            if not assigned:
-                continue
-            mask = masks[m_rec.caption]
-            with apply_mask(pipe, mask):
-                own_rows += evaluate_replication(pipe, assigned, seeds, metric, run_dir, stage="mitigate",
-                                                 setting=f"{method.name}-own", store=store, gen_kwargs=gen_kwargs,
-                                                 item_extra={"mask_of": m_rec.caption}, key_extra=(mask.digest(),))
+        def assigned(i: int) -> list[dict]:  # non-memorized captions under the i-th memorized caption's mask
+            m_rec = mem[i]
+            return under(masks[m_rec.caption], others[i :: len(mem)], f"{method.name}-own",
+                         item_extra={"mask_of": m_rec.caption})
+
+        own_rows = [r for got in shard.each([i for i in range(len(mem)) if others[i :: len(mem)]], assigned)
+                    for r in got]
         rows += own_rows
 
     # before/after per memorized caption

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dori.analyses.distributed import SOLO, Shard
 from dori.data.prompts import PromptRecord, load_reference
 from dori.metrics.base import ReplicationMetric
 from dori.models.generate import generate
@@ -72,12 +73,13 @@ def evaluate_replication(
     item_extra: dict | None = None,
     embeds: dict[str, torch.Tensor] | None = None,
     key_extra: Sequence[str] = (),
+    shard: Shard = SOLO,
 ) -> list[dict]:
     """Generate ``records x seeds`` and return one sample row per image (one :class:`EvalRequest`, see
     :func:`evaluate_requests`)."""
     req = EvalRequest(records, stage, setting, budget, embeds, item_extra, key_extra)
     return evaluate_requests(pipe, [req], seeds, metric, run_dir, store=store, batch_size=batch_size,
-                             gen_kwargs=gen_kwargs)[0]
+                             gen_kwargs=gen_kwargs, shard=shard)[0]
 
 
 def evaluate_requests(
@@ -90,6 +92,7 @@ def evaluate_requests(
     store: ItemStore | None = None,
     batch_size: int = 16,
     gen_kwargs: dict | None = None,
+    shard: Shard = SOLO,
 ) -> list[list[dict]]:
     """Generate every request's ``records x seeds`` and return its sample rows (a list per request).
 
@@ -105,7 +108,8 @@ def evaluate_requests(
     with a reference is scored against it; one without (e.g. an unseen caption) against the reference it
     beats by the widest margin over that reference's own threshold (the "replicates any reference photo"
     check), or, beating none, against the nearest.
-    Finished captions are stored in ``store`` and skipped when the run is resumed.
+    Finished captions are stored in ``store`` and skipped when the run is resumed. With several processes
+    (``shard``), each generates the pending captions whose item key it owns, and all get every row.
     """
     from dori.metrics.procedural import check_procedural
     from dori.models.generate import encode_prompts
@@ -125,12 +129,13 @@ def evaluate_requests(
                          *([digest] if digest else []), *q.key_extra)
 
     keys = [{r.caption: item_key(q, r) for r in q.records} for q in requests]
-    pending = [(qi, r) for qi, q in enumerate(requests) for r in q.records if store.get(keys[qi][r.caption]) is None]
+    pending = [(qi, r) for qi, q in enumerate(requests) for r in q.records
+               if shard.owns(keys[qi][r.caption]) and store.get(keys[qi][r.caption]) is None]
     per_batch = max(1, batch_size // len(seeds))
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
     first = requests[pending[0][0]] if pending else None
     desc = f"{first.stage}/{first.setting}" if first else "evaluate"
-    for chunk in tqdm(chunks, desc=desc, disable=len(chunks) < 2, leave=False):
+    for chunk in tqdm(chunks, desc=desc, disable=len(chunks) < 2 or not shard.main, leave=False):
         # captions are encoded together (as generate() would), triggers used as given
         texts = [r.caption for qi, r in chunk if requests[qi].embeds is None]
         enc = dict(zip(texts, encode_prompts(pipe, texts), strict=True)) if texts else {}
@@ -178,4 +183,5 @@ def evaluate_requests(
             rows.setdefault(pi, []).append(row)
         for pi, (qi, rec) in enumerate(chunk):
             store.put(keys[qi][rec.caption], rows[pi])
+    shard.wait()  # the other processes' captions are on disk from here
     return [[row for r in q.records for row in store.get(keys[qi][r.caption])] for qi, q in enumerate(requests)]

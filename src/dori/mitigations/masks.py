@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dori.errors import DoriError
-from dori.reports.results import write_atomic
+from dori.reports.results import write_atomic, write_safetensors
 
 KINDS = ("neuron", "weight")
 
@@ -84,10 +84,7 @@ class Mask:
         path = Path(path)
         base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
         tensors = {f"layer{i}": v.contiguous() for i, v in enumerate(self.layers.values())}
-        base.parent.mkdir(parents=True, exist_ok=True)
-        tmp = base.with_name(base.name + ".tmp.safetensors")
-        save_file(tensors, str(tmp))
-        tmp.replace(base.with_suffix(".safetensors"))
+        write_safetensors(base.with_suffix(".safetensors"), tensors)
         info = {"kind": self.kind, "layers": list(self.layers), "meta": self.meta, "counts": self.counts()}
         write_atomic(base.with_suffix(".json"), json.dumps(info, indent=2, default=str))
         return base

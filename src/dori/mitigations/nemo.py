@@ -52,13 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dori.mitigations.masks import Mask, per_sample_neuron_masks
 from dori.models.generate import encode_prompts, generate, initial_noise
 from dori.models.layers import resolve_layers
 from dori.models.loading import modules_fingerprint
 from dori.models.replay import PrefixReplay
+from dori.reports.results import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,7 @@ class NeMo:
         tensors = {f"mean{i}": self._stats[n][0].contiguous().cpu() for i, n in enumerate(names)}
         tensors |= {f"std{i}": self._stats[n][1].contiguous().cpu() for i, n in enumerate(names)}
         tensors["__names__"] = torch.frombuffer(bytearray(json.dumps(names).encode()), dtype=torch.uint8)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        write_safetensors(path, tensors)
         return self._stats
 
     # ---- 2. memorization signal ------------------------------------------------------------------

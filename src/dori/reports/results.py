@@ -49,6 +49,13 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         raise
 
 
+def write_safetensors(path: str | Path, tensors: dict) -> None:
+    """``tensors`` as a safetensors file, atomically (a unique temporary name: processes may write at once)."""
+    from safetensors.torch import save
+
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}))
+
+
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
 

@@ -1,0 +1,90 @@
+"""One run over many processes (one per GPU): ``accelerate launch -m dori run study.toml``.
+
+A run is made of items that are written to the run folder as they finish (generated captions, masks,
+triggers). With several processes, each computes its share of them and writes them to the same folder
+(it must be shared by all processes); after a barrier every process reads the others' items back, so
+that every process assembles the same rows, and the first writes ``results.json`` and the report.
+Nothing else is exchanged between processes, so a killed run resumes as before (``dori run DIR``), with
+any number of processes.
+
+Two ways to share the work:
+
+- :meth:`Shard.owns` on an item key: evaluation splits the images still to generate;
+- :meth:`Shard.each` over a list of jobs whose work is stored on disk (localize one caption's mask,
+  attack one target): each process does its own jobs, waits for the others, then runs every job again,
+  which now only reads what was stored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# A process that has finished its share waits for the slowest at each barrier: long enough for one
+# stage of a 500-prompt study on one GPU.
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among the processes of one run: ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: str = "cpu") -> Shard:
+        """The launcher's processes (``accelerate launch``, ``torchrun``: ``WORLD_SIZE`` > 1), or one.
+
+        Starts the process group: gloo on the CPU (``device="cpu"``), NCCL on GPUs."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=str(device) == "cpu", timeout=BARRIER_TIMEOUT)
+        return cls(state.process_index, state.num_processes)
+
+    @property
+    def main(self) -> bool:
+        """The process that writes the run's results and prints them."""
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """Each process its own GPU: ``cuda`` becomes ``cuda:<local rank>`` when there are several."""
+        if self.world > 1 and device == "cuda":
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
+        return device
+
+    def owns(self, key: str) -> bool:
+        """Whether this process computes the item with this key (a hex digest: spread evenly)."""
+        return self.world == 1 or int(key[:8], 16) % self.world == self.rank
+
+    def wait(self) -> None:
+        """Until every process gets here (nothing with one process)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def each(self, jobs: Sequence[T], work: Callable[[T], R], desc: str | None = None) -> list[R]:
+        """``[work(job) for job in jobs]``, the jobs shared between processes (a progress bar if ``desc``).
+
+        ``work`` must store what it computes in the run folder and read it back when called again: each
+        process runs its own jobs (every ``world``-th), waits for the others, then runs all of them,
+        which only reads. Every process gets every job's result."""
+        from tqdm.auto import tqdm
+
+        if self.world == 1:
+            return [work(job) for job in tqdm(jobs, desc=desc, disable=desc is None)]
+        for job in tqdm(jobs[self.rank :: self.world], desc=desc, disable=desc is None or not self.main):
+            work(job)
+        self.wait()
+        return [work(job) for job in jobs]
+
+SOLO = Shard()
