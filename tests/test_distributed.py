@@ -57,7 +57,7 @@ def test_owns_gives_each_key_to_exactly_one_process():
 
 
 RUN = dict(seeds=[0], stages=["generate", "detect", "wanda", "bypass"], max_targets=2, fidelity_per_kind=1,
-           budgets=[0, 2], control_per_kind=1, token_variants=1, num_inference_steps=10, attack={"pairs": 2})
+           budgets=[0, 2], control_per_kind=1, token_variants=1, num_inference_steps=4, attack={"pairs": 2})
 
 
 def test_two_processes_give_the_results_of_one(tmp_path):
