@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -78,14 +79,19 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     for section in ("samples", "detection", "bypass", "aggregates"):
         assert_same(one[section], two[section], section)
     assert_same(one["mitigations"]["wanda"]["summary"], two["mitigations"]["wanda"]["summary"], "wanda")
-    # the work was shared: masks and triggers were made by both processes
+    # the work was shared (masks and triggers made by both processes) and done once: the same items and images
     run = tmp_path / "two"
-    made_by = {json.loads(p.read_text())["meta"]["process"] for p in (run / "masks" / "wanda").glob("*.json")
-               if p.stem != "_joint"}
-    made_by |= {json.loads(p.read_text())["process"] for p in (run / "triggers").rglob("*.json")}
-    assert made_by == {0, 1}
+    masks = {json.loads(p.read_text())["meta"]["process"] for p in (run / "masks" / "wanda").glob("*.json")
+             if p.stem != "_joint"}
+    triggers = {json.loads(p.read_text())["process"] for p in (run / "triggers").rglob("*.json")}
+    assert masks == triggers == {0, 1}
+    for folder in ("items", "images", "masks", "triggers"):
+        assert files(tmp_path / "one" / folder) == files(run / folder), folder
     assert not list(run.rglob("*.tmp"))  # no half-written file left behind
 
+
+def files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 def assert_same(a, b, where: str) -> None:
     """Equal, floats within 1e-5 (one process and two run the same computations, in other thread counts)."""
@@ -101,3 +107,13 @@ def assert_same(a, b, where: str) -> None:
         assert b == pytest.approx(a, abs=1e-5), where
     else:
         assert a == b, where
+
+
+def test_several_processes_take_one_gpu_each(monkeypatch):
+    from dori.errors import DoriError
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert Shard(1, 2).device("cuda") == "cuda:1"
+    assert Shard(1, 2).device("cpu") == "cpu" and Shard().device("cuda:3") == "cuda:3"
+    with pytest.raises(DoriError, match="all on one GPU"):
+        Shard(0, 2).device("cuda:0")

@@ -100,9 +100,9 @@ def _list(text: str) -> list[str]:
 
 
 def _print_results(res: dict, out: Path) -> None:
-    import os
+    from dori.analyses.distributed import Shard
 
-    if os.environ.get("RANK", "0") != "0":  # started by accelerate launch / torchrun: the first process prints
+    if not Shard.from_env().main:  # started by accelerate launch / torchrun: the first process prints
         return
     if res["aggregates"]:
         _print_replication(res)

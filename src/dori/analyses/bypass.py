@@ -195,6 +195,7 @@ def run_bypass(
     if early_stop:
         info = early_stop_info(attack, metric, gen_kwargs, seeds)
         early = (partial(early_stop_check, pipe, metric, gen_kwargs=gen_kwargs, seed=info["seed"]), info)
+
     def job_rows(job: tuple[str, Mask | None, list[PromptRecord]]) -> list[dict]:
         """One attack group under its mask: its triggers, and the rows of every budget and baseline."""
         setting, mask, recs = job

@@ -286,7 +286,7 @@ def run_demo(
 
     A killed run started again with the same arguments reuses the items it had finished. Started by
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
-    each returns the results, the first writes them.
+    each returns every row and table; the first writes results.json, the plots and the report.
     """
     t0 = time.time()
     out = Path(out)

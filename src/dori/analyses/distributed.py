@@ -57,9 +57,14 @@ class Shard:
 
     def device(self, device: str) -> str:
         """Each process its own GPU: ``cuda`` becomes ``cuda:<local rank>`` when there are several."""
-        if self.world > 1 and device == "cuda":
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
-        return device
+        if self.world == 1 or not device.startswith("cuda"):
+            return device
+        if device != "cuda":
+            from dori.errors import DoriError
+
+            raise DoriError(f"device {device!r} with {self.world} processes would put them all on one GPU: "
+                            "set device = \"cuda\" (each process takes the GPU of its local rank)")
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
 
     def owns(self, key: str) -> bool:
         """Whether this process computes the item with this key (a hex digest: spread evenly)."""
