@@ -93,8 +93,9 @@ def test_two_processes_give_the_results_of_one(tmp_path):
 def files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
+
 def assert_same(a, b, where: str) -> None:
-    """Equal, floats within 1e-5 (one process and two run the same computations, in other thread counts)."""
+    """Equal, floats within 1e-5 (the processes batch the images differently)."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for k in a:

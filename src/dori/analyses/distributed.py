@@ -92,4 +92,5 @@ class Shard:
         self.wait()
         return [work(job) for job in jobs]
 
+
 SOLO = Shard()

@@ -83,7 +83,7 @@ class Mask:
         """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (kind, layers, metadata)."""
         path = Path(path)
         base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-        tensors = {f"layer{i}": v.contiguous() for i, v in enumerate(self.layers.values())}
+        tensors = {f"layer{i}": v for i, v in enumerate(self.layers.values())}
         write_safetensors(base.with_suffix(".safetensors"), tensors)
         info = {"kind": self.kind, "layers": list(self.layers), "meta": self.meta, "counts": self.counts()}
         write_atomic(base.with_suffix(".json"), json.dumps(info, indent=2, default=str))

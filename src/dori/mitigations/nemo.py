@@ -176,8 +176,8 @@ class NeMo:
         self._stats = {n: (torch.cat(a).mean(0), torch.cat(a).std(0)) for n, a in acts.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         names = list(self._stats)
-        tensors = {f"mean{i}": self._stats[n][0].contiguous().cpu() for i, n in enumerate(names)}
-        tensors |= {f"std{i}": self._stats[n][1].contiguous().cpu() for i, n in enumerate(names)}
+        tensors = {f"mean{i}": self._stats[n][0].cpu() for i, n in enumerate(names)}
+        tensors |= {f"std{i}": self._stats[n][1].cpu() for i, n in enumerate(names)}
         tensors["__names__"] = torch.frombuffer(bytearray(json.dumps(names).encode()), dtype=torch.uint8)
         write_safetensors(path, tensors)
         return self._stats
