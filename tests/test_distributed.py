@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dori.analyses.distributed import Shard
+from dori.analyses.distributed import Shard, stored_only
+from dori.errors import DoriError
+from dori.reports.images import slug
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ def test_each_computes_every_job_once_and_gives_every_process_all_results():
     def work(job):  # stores what it computes, reads it back when called again (as the run's items do)
         with lock:
             if job not in store:
+                stored_only(f"job {job}")
                 computed.append((int(threading.current_thread().name), job))
                 store[job] = job * job
             return store[job]
@@ -45,6 +49,86 @@ def test_each_computes_every_job_once_and_gives_every_process_all_results():
         t.join(timeout=60)
     assert sorted(computed) == sorted((j % world, j) for j in jobs)  # once each, by the process that owns it
     assert got == {r: [j * j for j in jobs] for r in range(world)}
+
+
+def test_a_process_that_finds_another_s_item_missing_stops_instead_of_computing_it():
+    """The processes disagree on the jobs' keys (here: each process keys them by its own rank)."""
+    world, jobs = 2, list(range(4))
+    store, lock = {}, threading.Lock()
+
+    def work(job):
+        key = (job, threading.current_thread().name)
+        with lock:
+            if key not in store:
+                stored_only(f"job {job}")
+                store[key] = job
+            return store[key]
+
+    barrier, errors = threading.Barrier(world), {}
+
+    def process(r):
+        try:
+            ThreadShard(r, world, barrier).each(jobs, work)
+        except DoriError as e:
+            errors[r] = str(e)
+
+    threads = [threading.Thread(name=str(r), target=process, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(errors) == [0, 1]
+    assert "process 1 of 2 finds no stored job 0" in errors[1] and "disagree on its key" in errors[1]
+    assert "process 0 of 2 finds no stored job 1" in errors[0]
+    assert sorted(store) == [(j, str(j % world)) for j in jobs]  # each computed only its own share
+    stored_only("anything")  # outside the reading pass: nothing to say
+
+
+class NoWait(Shard):
+    def wait(self) -> None:  # the other process has "finished" without storing anything
+        pass
+
+
+def test_evaluation_stops_on_an_item_the_other_process_did_not_store(tiny_pipe, tmp_path):
+    from dori.analyses.replication import evaluate_replication
+    from dori.data.prompts import load_prompt_set
+    from dori.metrics.pixel import PixelSSIM
+
+    recs = load_prompt_set("tiny")[:2]
+    args = dict(seeds=[0], metric=PixelSSIM(), gen_kwargs={"num_inference_steps": 2})
+    # evaluation split by item key: each process generates the captions it owns, then misses the others'
+    made = []
+    for rank in (0, 1):
+        run = tmp_path / f"rank{rank}"
+        try:
+            evaluate_replication(tiny_pipe, recs, run_dir=run, shard=NoWait(rank, 2), **args)
+            missed = None
+        except DoriError as e:
+            missed = str(e)
+        made.append(len(list((run / "items").glob("*.json"))) if (run / "items").is_dir() else 0)
+        assert (missed is None) == (made[-1] == 2), missed  # it stops exactly when it lacks an item
+        assert missed is None or f"process {rank} of 2 finds no stored images of" in missed
+    assert sum(made) == 2  # every caption generated once, by its owner
+    # evaluation inside a shared job (as the bypass runs it): the reading pass does not generate
+    with pytest.raises(DoriError, match=re.escape("process 0 of 2 finds no stored images of '" + recs[1].caption[:20])):
+        NoWait(0, 2).each(recs, lambda rec: evaluate_replication(tiny_pipe, [rec], run_dir=tmp_path / "each", **args))
+    assert len(list((tmp_path / "each" / "items").glob("*.json"))) == 1
+
+
+def test_the_bypass_stops_on_triggers_the_other_process_did_not_store(tiny_pipe, tmp_path):
+    from dori.analyses.bypass import run_bypass
+    from dori.analyses.demo import make_attack
+    from dori.data.prompts import load_prompt_set
+    from dori.metrics.pixel import PixelSSIM
+
+    recs = [r for r in load_prompt_set("tiny") if r.memorized][:2]
+    attack = make_attack(tiny_pipe, {"steps": 2, "pairs": 2})
+    # one attack job per target: this process attacks the first, then finds the second's triggers missing
+    missing = re.escape(f"process 0 of 2 finds no stored none triggers of ['{recs[1].caption[:20]}")
+    with pytest.raises(DoriError, match=missing):
+        run_bypass(tiny_pipe, recs, {"none": None}, PixelSSIM(), tmp_path, attack=attack, budgets=[0, 2], seeds=[0],
+                   random_baseline=False, group_size=1, shard=NoWait(0, 2), gen_kwargs={"num_inference_steps": 2})
+    assert [p.stem for p in (tmp_path / "triggers" / "none").glob("*.json")] == [slug(recs[0].caption)]
 
 
 def test_owns_gives_each_key_to_exactly_one_process():

@@ -368,6 +368,10 @@ def main() -> None:
     except DoriError as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
+    finally:
+        from dori.analyses.distributed import close
+
+        close()
 
 
 if __name__ == "__main__":

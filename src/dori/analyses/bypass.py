@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dori.analyses.distributed import SOLO, Shard
+from dori.analyses.distributed import SOLO, Shard, stored_only
 from dori.analyses.replication import EvalRequest, evaluate_requests
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
@@ -102,6 +102,7 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
+    stored_only(f"{setting} triggers of {[r.caption[:40] for r in recs]}")
     images = torch.stack([load_reference(r) for r in recs])
     res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
                         check=early[0](images) if early is not None else None)

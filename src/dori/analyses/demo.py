@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from dori.analyses.distributed import Shard
+from dori.analyses.distributed import Shard, stored_only
 from dori.analyses.mitigate import run_mitigation
 from dori.analyses.runfile import write_run_file
 from dori.data.prompts import load_prompt_set
@@ -74,6 +74,7 @@ def run_detection(pipe, records, store: ItemStore, seeds: Sequence[int] = (0, 1,
         key = store.key("detect", repr(det), caps, labels, thr, model_id(pipe), asdict(pipe.dori_defaults))
         res = store.get(key)
         if res is None:
+            stored_only(f"{det.name} detection scores")
             scores = det.score(pipe, caps).tolist()
             res = {"name": det.name, "detector": repr(det),
                    "scores": [{"caption": c, "kind": r.kind, "memorized": r.memorized, "score": s}

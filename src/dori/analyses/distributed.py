@@ -13,15 +13,23 @@ Two ways to share the work:
 - :meth:`Shard.each` over a list of jobs whose work is stored on disk (localize one caption's mask,
   attack one target): each process does its own jobs, waits for the others, then runs every job again,
   which now only reads what was stored.
+
+Code that computes and stores an item calls :func:`stored_only` first: in the reading pass, an item that
+is not on disk means the processes disagree on its key, and the run stops with that message instead of
+quietly computing the item a second time.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
+
+from dori.errors import DoriError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,8 +68,6 @@ class Shard:
         if self.world == 1 or not device.startswith("cuda"):
             return device
         if device != "cuda":
-            from dori.errors import DoriError
-
             raise DoriError(f"device {device!r} with {self.world} processes would put them all on one GPU: "
                             "set device = \"cuda\" (each process takes the GPU of its local rank)")
         return f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
@@ -90,7 +96,37 @@ class Shard:
         for job in tqdm(jobs[self.rank :: self.world], desc=desc, disable=desc is None or not self.main):
             work(job)
         self.wait()
-        return [work(job) for job in jobs]
+        token = _READING.set(self)
+        try:
+            return [work(job) for job in jobs]
+        finally:
+            _READING.reset(token)
 
 
 SOLO = Shard()
+
+# Set while Shard.each reruns every job after the barrier: the process that runs them only reads.
+_READING: ContextVar[Shard | None] = ContextVar("dori_reading", default=None)
+
+
+def stored_only(what: str) -> None:
+    """Call before computing ``what`` (an item that is stored once computed). Raises in the reading pass of
+    :meth:`Shard.each`, where every item has been stored by the process that owns it."""
+    shard = _READING.get()
+    if shard is not None:
+        raise missing_item(shard, what)
+
+
+def missing_item(shard: Shard, what: str) -> DoriError:
+    """The error for an item another process should have stored and did not."""
+    return DoriError(
+        f"process {shard.rank} of {shard.world} finds no stored {what} after every process finished its share: "
+        "the processes disagree on its key (different settings, model files, library versions or devices "
+        "per process). Give every process the same environment, or run with one process")
+
+
+def close() -> None:
+    """Leave the process group a launcher's processes joined (:meth:`Shard.from_env`), if any: at exit."""
+    torch = sys.modules.get("torch")  # not imported: no process group either
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

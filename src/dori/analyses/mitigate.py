@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from dori.analyses.distributed import SOLO, Shard
+from dori.analyses.distributed import SOLO, Shard, stored_only
 from dori.analyses.replication import evaluate_replication
 from dori.data.prompts import PromptRecord
 from dori.metrics.base import ReplicationMetric
@@ -45,6 +45,7 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path,
                 return saved
             log.info("%s: the saved mask of %r was made with other parameters or another model; localizing again",
                      method.name, rec.caption[:60])
+        stored_only(f"{method.name} mask of {rec.caption[:60]!r}")
         t0 = time.time()
         res = method.localize(pipe, rec.caption)
         mask = res.mask if hasattr(res, "mask") else res

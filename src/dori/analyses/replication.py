@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dori.analyses.distributed import SOLO, Shard
+from dori.analyses.distributed import SOLO, Shard, missing_item, stored_only
 from dori.data.prompts import PromptRecord, load_reference
 from dori.metrics.base import ReplicationMetric
 from dori.models.generate import generate
@@ -131,6 +131,13 @@ def evaluate_requests(
     keys = [{r.caption: item_key(q, r) for r in q.records} for q in requests]
     pending = [(qi, r) for qi, q in enumerate(requests) for r in q.records
                if shard.owns(keys[qi][r.caption]) and store.get(keys[qi][r.caption]) is None]
+
+    def item(qi: int, rec: PromptRecord) -> str:  # for the error of a process that finds an item missing
+        q = requests[qi]
+        return f"images of {rec.caption[:60]!r} ({q.stage} {q.setting}, budget {q.budget})"
+
+    if pending:
+        stored_only(item(*pending[0]))
     per_batch = max(1, batch_size // len(seeds))
     chunks = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
     first = requests[pending[0][0]] if pending else None
@@ -184,4 +191,11 @@ def evaluate_requests(
         for pi, (qi, rec) in enumerate(chunk):
             store.put(keys[qi][rec.caption], rows[pi])
     shard.wait()  # the other processes' captions are on disk from here
-    return [[row for r in q.records for row in store.get(keys[qi][r.caption])] for qi, q in enumerate(requests)]
+
+    def stored(qi: int, rec: PromptRecord) -> list[dict]:
+        got = store.get(keys[qi][rec.caption])
+        if got is None:  # only with several processes: another one owns it
+            raise missing_item(shard, item(qi, rec))
+        return got
+
+    return [[row for r in q.records for row in stored(qi, r)] for qi, q in enumerate(requests)]
