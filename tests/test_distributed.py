@@ -47,6 +47,7 @@ def test_each_computes_every_job_once_and_gives_every_process_all_results():
         t.start()
     for t in threads:
         t.join(timeout=60)
+        assert not t.is_alive()
     assert sorted(computed) == sorted((j % world, j) for j in jobs)  # once each, by the process that owns it
     assert got == {r: [j * j for j in jobs] for r in range(world)}
 
@@ -77,8 +78,9 @@ def test_a_process_that_finds_another_s_item_missing_stops_instead_of_computing_
         t.start()
     for t in threads:
         t.join(timeout=60)
+        assert not t.is_alive()
     assert sorted(errors) == [0, 1]
-    assert "process 1 of 2 finds no stored job 0" in errors[1] and "disagree on its key" in errors[1]
+    assert "process 1 of 2 finds no stored job 0" in errors[1] and "disagree on the item's key" in errors[1]
     assert "process 0 of 2 finds no stored job 1" in errors[0]
     assert sorted(store) == [(j, str(j % world)) for j in jobs]  # each computed only its own share
     stored_only("anything")  # outside the reading pass: nothing to say
@@ -124,7 +126,7 @@ def test_the_bypass_stops_on_triggers_the_other_process_did_not_store(tiny_pipe,
     recs = [r for r in load_prompt_set("tiny") if r.memorized][:2]
     attack = make_attack(tiny_pipe, {"steps": 2, "pairs": 2})
     # one attack job per target: this process attacks the first, then finds the second's triggers missing
-    missing = re.escape(f"process 0 of 2 finds no stored none triggers of ['{recs[1].caption[:20]}")
+    missing = re.escape(f"process 0 of 2 finds no stored triggers (setting 'none') of ['{recs[1].caption[:20]}")
     with pytest.raises(DoriError, match=missing):
         run_bypass(tiny_pipe, recs, {"none": None}, PixelSSIM(), tmp_path, attack=attack, budgets=[0, 2], seeds=[0],
                    random_baseline=False, group_size=1, shard=NoWait(0, 2), gen_kwargs={"num_inference_steps": 2})

@@ -50,6 +50,7 @@ def test_the_documented_run_file_is_valid(tmp_path):
     ('out = "o"\n[attack]\nrestarts = "1"', "attack.restarts must be an integer"),
     ('out = "o"\n[attack]\ninit = "bogus"', "attack: init must be 'prompt', 'random' or 'embeds'"),
     ('out = "o"\n[method_params.wandaa]\nsparsity = 0.1', "method_params has tables for ['wandaa']"),
+    ('out = "o"\n[masks]\nmine = 3', "masks must be a table of texts, got {'mine': 3}"),
 ])
 def test_a_wrong_value_is_named_before_anything_runs(tmp_path, text, message):
     f = tmp_path / "study.toml"

@@ -50,6 +50,19 @@ def _method_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def _named_paths(items: list[str]) -> dict[str, str]:
+    """``["mine=runs/a/masks/wanda"]`` -> ``{"mine": "runs/a/masks/wanda"}``."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DoriError(f"--masks takes NAME=PATH (e.g. --masks mine=runs/a/masks/wanda), got {item!r}")
+        if name in out:
+            raise DoriError(f"--masks names {name!r} twice: give each mask set its own name")
+        out[name] = path
+    return out
+
+
 PARAM_HELP = "mitigation parameter METHOD.KEY=VALUE, repeatable (e.g. wanda.sparsity=0.1, wanda.layer_group=value)"
 
 
@@ -178,8 +191,11 @@ def detect(
 @app.command()
 def attack(
     out: Path = typer.Option(..., help="run directory"),
-    mitigation: str = typer.Option("wanda", help="comma-separated: nemo, wanda; 'none' attacks the model as it "
-                                                "is (e.g. a fine-tuned model)"),
+    mitigation: str = typer.Option(None, help="comma-separated: nemo, wanda; 'none' attacks the model as it "
+                                              "is (e.g. a fine-tuned model). Default: wanda, or none with --masks"),
+    masks: list[str] = typer.Option(None, "--masks", help="NAME=PATH, repeatable: attack masks saved earlier, a "
+                                                          "folder of per-caption masks (DIR/masks/wanda of a run) "
+                                                          "or one mask file for every caption"),
     model: str = typer.Option("tiny"),
     prompts: str = typer.Option("tiny", help="prompt set name or file"),
     images_dir: str = typer.Option(None),
@@ -206,7 +222,8 @@ def attack(
     the non-memorized control is attacked with the same budget on the unmitigated model."""
     from dori.analyses.demo import run_demo
 
-    mits = [m for m in _list(mitigation) if m != "none"]
+    saved = _named_paths(masks or [])
+    mits = [m for m in _list(mitigation or ("none" if saved else "wanda")) if m != "none"]
     bad = set(mits) - {"nemo", "wanda"}
     if bad:
         raise DoriError(f"--mitigation takes nemo, wanda or none, got {sorted(bad)}")
@@ -215,7 +232,8 @@ def attack(
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                    attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
-                   method_params=_method_params(param), early_stop=early_stop, command="dori attack",
+                   method_params=_method_params(param), early_stop=early_stop, masks=saved or None,
+                   command="dori attack",
                    **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
     _print_results(res, out)
 
@@ -363,15 +381,20 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from dori.analyses.distributed import close
+
     try:
         app()
     except DoriError as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
-    finally:
-        from dori.analyses.distributed import close
-
-        close()
+    except SystemExit as e:
+        # leave the process group on a clean exit only: after an error the launcher ends the other
+        # processes, and leaving could wait for them
+        if e.code in (0, None):
+            close()
+        raise
+    close()
 
 
 if __name__ == "__main__":

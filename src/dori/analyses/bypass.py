@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from dori.analyses.distributed import SOLO, Shard, stored_only
+from dori.analyses.mitigate import attack_targets
 from dori.analyses.replication import EvalRequest, evaluate_requests
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
@@ -102,7 +103,7 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
-    stored_only(f"{setting} triggers of {[r.caption[:40] for r in recs]}")
+    stored_only(f"triggers (setting {setting!r}) of {[r.caption[:40] for r in recs]}")
     images = torch.stack([load_reference(r) for r in recs])
     res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
                         check=early[0](images) if early is not None else None)
@@ -175,7 +176,7 @@ def run_bypass(
     if max(budgets) != attack.steps:
         attack = DoRI(**{**attack.params(), "steps": max(budgets), "check_every": attack.check_every})
     gen_kwargs = gen_kwargs or {}
-    mem = [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
+    mem = attack_targets(records, max_targets)
     jobs: list[tuple[str, Mask | None, list[PromptRecord]]] = []
     for setting, per_caption in masks.items():
         if per_caption is None:

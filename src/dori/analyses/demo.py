@@ -11,11 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dori.analyses.distributed import Shard, stored_only
-from dori.analyses.mitigate import run_mitigation
+from dori.analyses.mitigate import attack_targets, require_unique_captions, run_mitigation
 from dori.analyses.runfile import write_run_file
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
+from dori.mitigations.masks import SavedMasks
 from dori.models.layers import resolve_layers
 from dori.models.loading import load_pipeline, model_id
 from dori.reports.html import render_report
@@ -264,6 +265,7 @@ def run_demo(
     per_prompt_fidelity: bool = False,
     detectors: Sequence[str] = DETECTORS,
     early_stop: bool = False,
+    masks: dict[str, str] | None = None,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
@@ -284,6 +286,9 @@ def run_demo(
     a run with other seeds, each in its own folder, for the spread of the bypass numbers). ``early_stop``
     freezes each trigger once one image it generates (a sampling seed outside ``seeds``) replicates its
     target (off by default, as when reproducing the paper; see ``run_bypass``).
+    ``masks``: mitigations given as saved masks, ``{name: path}`` (a folder of per-caption masks or one
+    mask for every caption, :class:`~dori.mitigations.masks.SavedMasks`): each gets the before/after table
+    of NeMo and Wanda and, with the bypass stage, is attacked like them (rows ``<name>``, ``<name>+dori``).
 
     A killed run started again with the same arguments reuses the items it had finished. Started by
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
@@ -300,7 +305,7 @@ def run_demo(
                   token_variants=token_variants,
                   method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors),
                   images_dir=images_dir and str(images_dir), sscd_path=sscd_path and str(sscd_path),
-                  early_stop=early_stop)
+                  early_stop=early_stop, masks=masks)
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
     for name in detectors:
@@ -311,11 +316,19 @@ def run_demo(
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    after = sorted({"nemo", "wanda", "bypass"} & set(stages))
+    after = sorted({"nemo", "wanda", "bypass"} & set(stages)) + (["saved masks"] if masks else [])
     if after and "generate" not in stages:
         raise DoriError(f"stage(s) {', '.join(after)} compare with the unmitigated images: "
                         "add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
+    if after:
+        require_unique_captions(records)
+    saved = [SavedMasks(name, path) for name, path in (masks or {}).items()]
+    for sm in saved:
+        sm.require([r.caption for r in attack_targets(records, max_targets)])
+        if Path(sm.path).resolve().is_relative_to((out / "masks").resolve()):
+            raise DoriError(f"mask set {sm.name!r}: {sm.path} is inside this run's masks folder, where the run "
+                            "writes its own copies; copy the masks elsewhere or write the run to another --out")
     shard = Shard.from_env(device)
     man["processes"] = shard.world
     if shard.main:
@@ -375,6 +388,12 @@ def run_demo(
                                  max_targets, fidelity_per_kind, shard)
             samples += res["samples"]
             mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
+    for sm in saved:  # masks made elsewhere: the same before/after table, then the same attack
+        plain = [s for s in samples if s["stage"] == "generate"]
+        res = run_mitigation(pipe, sm, records, seeds, m, out, gen, plain, per_prompt_fidelity, max_targets,
+                             fidelity_per_kind, shard)
+        samples += res["samples"]
+        mitigations[sm.name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:
         from dori.analyses.bypass import (
             bypass_table,

@@ -111,7 +111,8 @@ _READING: ContextVar[Shard | None] = ContextVar("dori_reading", default=None)
 
 def stored_only(what: str) -> None:
     """Call before computing ``what`` (an item that is stored once computed). Raises in the reading pass of
-    :meth:`Shard.each`, where every item has been stored by the process that owns it."""
+    :meth:`Shard.each`, where every item has been stored by the process that owns it. (The reading pass is
+    seen by the thread that runs it, not by threads it starts.)"""
     shard = _READING.get()
     if shard is not None:
         raise missing_item(shard, what)
@@ -121,12 +122,19 @@ def missing_item(shard: Shard, what: str) -> DoriError:
     """The error for an item another process should have stored and did not."""
     return DoriError(
         f"process {shard.rank} of {shard.world} finds no stored {what} after every process finished its share: "
-        "the processes disagree on its key (different settings, model files, library versions or devices "
-        "per process). Give every process the same environment, or run with one process")
+        "either the run folder is not one folder shared by all processes (or a network file system does not "
+        "show this process the others' files yet), or the processes disagree on the item's key (different "
+        "settings, model files, library versions or devices per process). The items already stored are "
+        "kept: fix that and resume with `dori run DIR`, with one process or several")
 
 
 def close() -> None:
     """Leave the process group a launcher's processes joined (:meth:`Shard.from_env`), if any: at exit."""
     torch = sys.modules.get("torch")  # not imported: no process group either
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as e:  # the results are written: say so, do not fail the run here
+            import logging
+
+            logging.getLogger(__name__).warning("leaving the process group failed: %s", e)

@@ -20,6 +20,7 @@ from pathlib import Path
 from dori.analyses.distributed import SOLO, Shard, stored_only
 from dori.analyses.replication import evaluate_replication
 from dori.data.prompts import PromptRecord
+from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate
 from dori.mitigations.masks import Mask, apply_mask
@@ -43,6 +44,7 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path,
             saved = Mask.load(path)
             if saved.meta.get("params") == params and saved.meta.get("model") == model:
                 return saved
+            stored_only(f"{method.name} mask of {rec.caption[:60]!r} made with this run's parameters")
             log.info("%s: the saved mask of %r was made with other parameters or another model; localizing again",
                      method.name, rec.caption[:60])
         stored_only(f"{method.name} mask of {rec.caption[:60]!r}")
@@ -55,6 +57,21 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path,
 
     got = shard.each(list(records), one, desc=f"{method.name} localize")
     return {rec.caption: mask for rec, mask in zip(records, got, strict=True)}
+
+
+def attack_targets(records: Sequence[PromptRecord], max_targets: int | None = None) -> list[PromptRecord]:
+    """The memorized records with a reference image, the first ``max_targets`` (None: all): the captions
+    the mitigations localize a mask for and the attack targets."""
+    return [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
+
+
+def require_unique_captions(records: Sequence[PromptRecord]) -> None:
+    """Masks, triggers and tables are kept per caption: a caption listed twice would be one item for two."""
+    seen: Counter[str] = Counter(r.caption for r in records)
+    twice = [c for c, n in seen.items() if n > 1]
+    if twice:
+        raise DoriError(f"the prompt set lists {len(twice)} caption(s) more than once, e.g. {twice[0][:60]!r}: "
+                        "masks, triggers and tables are kept per caption, so keep one record per caption")
 
 
 def first_per_kind(records: Sequence[PromptRecord], n: int | None) -> list[PromptRecord]:
@@ -85,7 +102,7 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
     """
     run_dir = Path(run_dir)
     store = ItemStore(run_dir)
-    mem = [r for r in records if r.memorized and r.reference_status == "ok"][:max_targets]
+    mem = attack_targets(records, max_targets)
     others = first_per_kind([r for r in records if not r.memorized], fidelity_per_kind)
     masks = localize_masks(pipe, method, mem, run_dir, shard)
 

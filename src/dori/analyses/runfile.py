@@ -34,7 +34,7 @@ RUN_DEFAULTS = dict(seeds=[0, 1, 2, 3], attack={}, budgets=list(PAPER_BUDGETS), 
                     max_targets=None, fidelity_per_kind=None, token_variants=4, per_prompt_fidelity=True)
 _RESOLVED = ("resolved_generation", "resolved_attack", "threshold")  # derived by a run, never arguments
 # arguments added after run.json was, with the value that repeats a run recorded before them
-_ADDED_LATER = {"early_stop": False}
+_ADDED_LATER = {"early_stop": False, "masks": None}
 
 
 def _hints(fn) -> dict:
@@ -56,6 +56,8 @@ def _accepts(hint, v) -> bool:
         return v is None
     if origin in (Sequence, list, tuple):
         return isinstance(v, list) and all(_accepts(args[0], x) for x in v) if args else isinstance(v, list)
+    if origin is dict:
+        return isinstance(v, dict) and all(_accepts(args[1], x) for x in v.values()) if args else isinstance(v, dict)
     if origin is not None:
         return isinstance(v, origin)
     if hint is float:
@@ -70,7 +72,7 @@ def _describe(hint, plural: bool = False) -> str:
     if origin in (Sequence, list, tuple):
         return f"a list of {_describe(args[0], True)}" if args else "a list"
     if origin is dict or hint is dict:
-        return "a table"
+        return f"a table of {_describe(args[1], True)}" if args and args[1] is not dict else "a table"
     names = {str: ("text", "texts"), int: ("an integer", "integers"), float: ("a number", "numbers"),
              bool: ("true or false", "true or false values")}
     return names[hint][plural] if hint in names else str(hint)

@@ -180,3 +180,90 @@ def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor
     finally:
         for h in handles:
             h.remove()
+
+
+RESERVED_NAMES = ("none", "nemo", "wanda")  # the settings dori's own mitigations and the plain model take
+
+
+class SavedMasks:
+    """A mitigation given as masks saved earlier (:meth:`Mask.save`), to audit any mask: ``dori attack
+    --masks NAME=PATH`` or ``run_demo(masks={NAME: PATH})``.
+
+    ``path`` is either one mask (``X.json``, ``X.safetensors`` or ``X``), applied for every caption (e.g.
+    the joint mask an owner would deploy, ``DIR/masks/wanda/_joint``), or a folder of masks, each caption
+    taking the mask whose metadata names it as its ``prompt`` (the per-caption masks ``dori mitigate``
+    writes under ``DIR/masks/<method>``, or masks another tool wrote in this format). It is used like NeMo
+    or Wanda: :meth:`localize` returns a caption's mask, and ``name`` is the setting of its rows.
+    """
+
+    def __init__(self, name: str, path: str | Path):
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in RESERVED_NAMES:
+            raise DoriError(f"mask set name {name!r}: use letters, digits, '_', '.' or '-' (a folder and row "
+                            f"name), not one of {', '.join(RESERVED_NAMES)}; e.g. --masks mine=DIR/masks/wanda")
+        self.name, self.path = name, Path(path)
+        base = self.path.with_suffix("") if self.path.suffix in (".safetensors", ".json") else self.path
+        if self.path.is_dir():
+            self.files = sorted(self.path.glob("*.json"))
+            by_prompt: dict[str, Path] = {}
+            for js in self.files:
+                prompt = _read_mask_json(js).get("meta", {}).get("prompt")
+                if prompt is None:
+                    continue  # e.g. the joint mask beside the per-caption ones
+                if prompt in by_prompt:
+                    raise DoriError(f"masks {by_prompt[prompt].name} and {js.name} in {self.path} are both for "
+                                    f"the prompt {prompt[:60]!r}: keep one")
+                by_prompt[prompt] = js
+            if not by_prompt:
+                raise DoriError(f"{self.path} holds no mask whose metadata names its prompt: give a folder "
+                                "written by dori mitigate (DIR/masks/<method>) or one mask file for every caption")
+            self.by_prompt: dict[str, Path] | None = by_prompt
+        elif base.with_suffix(".json").is_file():
+            _read_mask_json(base.with_suffix(".json"))
+            self.files, self.by_prompt = [base.with_suffix(".json")], None
+        else:
+            raise DoriError(f"mask set {name!r}: {self.path} is neither a folder of masks nor a mask file "
+                            "(X.json with X.safetensors, written by Mask.save or dori mitigate)")
+
+    def require(self, captions) -> None:
+        """Fail now, not mid-run, if a caption has no mask."""
+        missing = [c for c in captions if self.by_prompt is not None and c not in self.by_prompt]
+        if missing:
+            raise DoriError(f"mask set {self.name!r} ({self.path}) has no mask for {len(missing)} caption(s), e.g. "
+                            f"{missing[0][:60]!r}: add them, attack fewer captions (max_targets in a run file), or "
+                            "give one mask file to apply for every caption")
+
+    def params(self) -> dict:
+        """The source and a digest of its files' bytes: changed masks are never mistaken for the saved copies."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for js in self.files:
+            for f in (js, js.with_suffix(".safetensors")):
+                h.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
+        return {"source": str(self.path), "digest": h.hexdigest()[:16]}
+
+    def localize(self, pipe, prompt: str) -> Mask:
+        """The saved mask for ``prompt``, its own metadata kept under ``source_meta``."""
+        self.require([prompt])
+        js = self.by_prompt[prompt] if self.by_prompt is not None else self.files[0]
+        mask = Mask.load(js)
+        mask.meta = {"method": self.name, "prompt": prompt, "source": str(js), "source_meta": mask.meta}
+        list(_modules(pipe.unet, mask))  # a mask made for another model fails here, with its layer's name
+        return mask
+
+    def __repr__(self) -> str:
+        return f"SavedMasks(name={self.name!r}, path={str(self.path)!r})"
+
+
+def _read_mask_json(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise DoriError(f"{path} is not a mask's JSON (written by Mask.save): {e}") from None
+    if not isinstance(info, dict) or "kind" not in info or "layers" not in info:
+        raise DoriError(f"{path} is not a mask's JSON (written by Mask.save): it lacks kind and layers")
+    if not path.with_suffix(".safetensors").is_file():
+        raise DoriError(f"mask {path} has no {path.with_suffix('.safetensors').name} beside it")
+    return info
