@@ -93,3 +93,9 @@ def test_a_recorded_file_must_hold_every_argument(tmp_path):
     j = tmp_path / "study.json"
     j.write_text(json.dumps({"out": "o", "seeds": [0, 1], "stages": ["generate"]}))
     assert load_run_file(j)["seeds"] == [0, 1]
+
+
+def test_a_run_file_names_saved_masks(tmp_path):
+    f = tmp_path / "study.toml"
+    f.write_text('out = "o"\n[masks]\nmine = "runs/a/masks/wanda"\ndeployed = "runs/a/masks/wanda/_joint.json"\n')
+    assert load_run_file(f)["masks"] == {"mine": "runs/a/masks/wanda", "deployed": "runs/a/masks/wanda/_joint.json"}

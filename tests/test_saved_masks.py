@@ -44,8 +44,19 @@ def test_saved_masks_give_each_caption_its_own_mask_or_one_mask_for_all(tiny_pip
     assert per.params()["digest"] != before["digest"]  # changed masks are not mistaken for the saved copies
 
 
+def test_a_mask_file_name_may_hold_dots(tiny_pipe, tmp_path):
+    cap = attack_targets(load_prompt_set("tiny"), 1)[0].caption
+    mask = _save_masks(tiny_pipe, tmp_path / "f", [cap])[cap]
+    mask.save(tmp_path / "wanda_0.11")
+    assert sorted(f.name for f in tmp_path.glob("wanda_0.11*")) == ["wanda_0.11.json", "wanda_0.11.safetensors"]
+    for given in ("wanda_0.11", "wanda_0.11.json", "wanda_0.11.safetensors"):
+        assert SavedMasks("s", tmp_path / given).localize(tiny_pipe, cap).digest() == mask.digest()
+
+
 @pytest.mark.parametrize("name, path, message", [
     ("wanda", "f", "not one of none, nemo, wanda"),
+    ("Nemo", "f", "not one of none, nemo, wanda"),
+    ("wanda-joint", "f", "not ending in -joint or -own"),
     ("my mask", "f", "use letters, digits"),
     ("mine", "nowhere", "is neither a folder of masks nor a mask file"),
     ("mine", "empty", "holds no mask whose metadata names its prompt"),
@@ -68,13 +79,15 @@ SMALL = dict(seeds=[0], budgets=[0, 2], max_targets=2, control_per_kind=1, token
 
 def test_attacking_saved_masks_gives_the_rows_of_the_mitigation_that_made_them(tmp_path):
     """Wanda's masks from one run, attacked as saved masks in another: the same triggers' rows, score for
-    score; the source files are left as they were."""
+    score; its joint mask as one mask for every caption; the source files are left as they were."""
     from dori.analyses.demo import run_demo
 
     first = run_demo(out=tmp_path / "a", stages=["generate", "wanda", "bypass"], **SMALL)
     src = tmp_path / "a" / "masks" / "wanda"
     files = {f.name: f.read_bytes() for f in src.iterdir()}
-    second = run_demo(out=tmp_path / "b", stages=["generate", "bypass"], masks={"w": str(src)}, **SMALL)
+    joint = Mask.load(src / "_joint")
+    second = run_demo(out=tmp_path / "b", stages=["generate", "bypass"], per_prompt_fidelity=True,
+                      masks={"w": str(src), "j": str(src / "_joint.json")}, **SMALL)
 
     def bypass(res, setting):
         return {(r["setting"].split("+")[1], r["budget"], r["caption"], r["seed"]): r["score"]
@@ -86,28 +99,61 @@ def test_attacking_saved_masks_gives_the_rows_of_the_mitigation_that_made_them(t
         {**row, "seconds": row_b["seconds"]} for row, row_b in
         zip(first["mitigations"]["wanda"]["table"], second["mitigations"]["w"]["table"], strict=True)]
     assert {f.name: f.read_bytes() for f in src.iterdir()} == files
-    trig = json.loads(next((tmp_path / "b" / "triggers" / "w").glob("*.json")).read_text())
-    assert trig["params"]["mask"] in {Mask.load(f).digest() for f in src.glob("*.json")}
-    with pytest.raises(DoriError, match="inside this run's masks folder"):
-        run_demo(out=tmp_path / "a", stages=["generate", "bypass"], masks={"w2": str(src)}, **SMALL)
+    per_caption = {Mask.load(f).digest() for f in src.glob("*.json") if f.stem != "_joint"}
+    assert {json.loads(f.read_text())["params"]["mask"] for f in (tmp_path / "b" / "triggers" / "w").glob("*.json")} \
+        == per_caption
+    # one mask for every caption: every target attacked through the joint mask, no per-prompt rows
+    j_rows = [r for r in second["samples"] if r["setting"] in ("j", "j+dori")]
+    assert len(j_rows) == 2 * 3 and {r["mask_size"] for r in j_rows} == {len(joint)}
+    settings = {r["setting"] for r in second["samples"]}
+    assert "w-own" in settings and "j-joint" in settings and "j-own" not in settings
+
+    run_json = (tmp_path / "a" / "run.json").read_bytes()
+    with pytest.raises(DoriError, match="is a mask folder this run writes"):
+        run_demo(out=tmp_path / "a", stages=["generate", "wanda", "bypass"], masks={"w2": str(src)}, **SMALL)
+    assert (tmp_path / "a" / "run.json").read_bytes() == run_json  # refused before anything was written
     with pytest.raises(DoriError, match="add 'generate' to the stages"):
         run_demo(out=tmp_path / "c", stages=["detect"], masks={"w": str(src)}, **SMALL)
 
 
-def test_masks_from_the_command_line():
-    from dori.cli import _named_paths
+def test_masks_from_the_command_line(monkeypatch, tmp_path):
+    """`--masks NAME=PATH`; with --masks and no --mitigation only the saved masks are attacked."""
+    from typer.testing import CliRunner
+
+    import dori.analyses.demo as demo
+    from dori.cli import _named_paths, app
 
     assert _named_paths(["a=x/y", "b=z=1"]) == {"a": "x/y", "b": "z=1"}
     for bad, message in ((["x/y"], "NAME=PATH"), (["a=x", "a=y"], "names 'a' twice")):
         with pytest.raises(DoriError, match=message):
             _named_paths(bad)
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or {"aggregates": {}})
+    monkeypatch.setattr("dori.cli._print_results", lambda res, out: None)
+    for extra in ([], ["--masks", "m=x"], ["--masks", "m=x", "--mitigation", "nemo"], ["--mitigation", "none"]):
+        r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path), *extra])
+        assert r.exit_code == 0, r.output
+    assert [(c["stages"], c["masks"]) for c in calls] == [
+        (["generate", "wanda", "bypass"], None), (["generate", "bypass"], {"m": "x"}),
+        (["generate", "nemo", "bypass"], {"m": "x"}), (["generate", "bypass"], None)]
+    r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path), "--masks", "m=x", "--mitigation", "none"])
+    assert isinstance(r.exception, DoriError) and "--mitigation none attacks the model as it is, alone" in str(
+        r.exception)
 
 
-def test_a_caption_listed_twice_is_refused_before_mitigating(tmp_path):
-    from dori.analyses.demo import run_demo
+def test_a_target_listed_twice_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    import dataclasses
 
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\na blue square\na red circle\n")
-    with pytest.raises(DoriError, match=re.escape("lists 1 caption(s) more than once, e.g. 'a red circle'")):
-        run_demo(out=tmp_path / "o", prompt_set=str(prompts), stages=["generate", "wanda"], **SMALL)
-    assert not (tmp_path / "o" / "items").exists()  # refused before anything was generated
+    import dori.analyses.demo as demo
+
+    recs = load_prompt_set("tiny")
+    unseen = next(r for r in recs if r.kind == "unseen")  # never mitigated nor attacked: may repeat
+    monkeypatch.setattr(demo, "load_prompt_set", lambda *a: [*recs, dataclasses.replace(unseen)])
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
+    with pytest.raises(RuntimeError, match="loaded"):  # past every input check
+        demo.run_demo(out=tmp_path / "o", stages=["generate", "wanda"], **SMALL)
+    target = attack_targets(recs, 1)[0]
+    monkeypatch.setattr(demo, "load_prompt_set", lambda *a: [dataclasses.replace(target), *recs])
+    with pytest.raises(DoriError, match=re.escape(f"lists 1 caption(s) to mitigate or attack more than once, e.g. "
+                                                  f"{target.caption[:60]!r}")):
+        demo.run_demo(out=tmp_path / "o", stages=["generate", "wanda"], **SMALL)

@@ -223,7 +223,11 @@ def attack(
     from dori.analyses.demo import run_demo
 
     saved = _named_paths(masks or [])
-    mits = [m for m in _list(mitigation or ("none" if saved else "wanda")) if m != "none"]
+    given = _list(mitigation) if mitigation else [] if saved else ["wanda"]
+    if "none" in given and (len(given) > 1 or saved):
+        raise DoriError("--mitigation none attacks the model as it is, alone: drop it, or the other mitigations "
+                        "and --masks (the non-memorized control is attacked on the model as it is in every run)")
+    mits = [m for m in given if m != "none"]
     bad = set(mits) - {"nemo", "wanda"}
     if bad:
         raise DoriError(f"--mitigation takes nemo, wanda or none, got {sorted(bad)}")
@@ -388,13 +392,12 @@ def main() -> None:
     except DoriError as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
-    except SystemExit as e:
+    except SystemExit as e:  # how app() always ends (click's standalone mode), --help included
         # leave the process group on a clean exit only: after an error the launcher ends the other
         # processes, and leaving could wait for them
         if e.code in (0, None):
             close()
         raise
-    close()
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def run_bypass(
             continue
         missing = [r.caption for r in mem if r.caption not in per_caption]
         if missing:
-            raise ValueError(f"setting {setting!r} has no mask for: {missing}")
+            raise DoriError(f"setting {setting!r} has no mask for: {missing}")
         jobs += [(setting, per_caption[r.caption], [r]) for r in mem]
     control = list(control)
     jobs += [("none", None, control[i : i + group_size]) for i in range(0, len(control), group_size)]

@@ -16,7 +16,7 @@ from dori.analyses.runfile import write_run_file
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
-from dori.mitigations.masks import SavedMasks
+from dori.mitigations.masks import SavedMasks, check_mask_set_name
 from dori.models.layers import resolve_layers
 from dori.models.loading import load_pipeline, model_id
 from dori.reports.html import render_report
@@ -316,19 +316,24 @@ def run_demo(
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    after = sorted({"nemo", "wanda", "bypass"} & set(stages)) + (["saved masks"] if masks else [])
+    after = sorted({"nemo", "wanda", "bypass"} & set(stages)) + (["masks (saved masks)"] if masks else [])
     if after and "generate" not in stages:
-        raise DoriError(f"stage(s) {', '.join(after)} compare with the unmitigated images: "
-                        "add 'generate' to the stages")
+        raise DoriError(f"{', '.join(after)} compare with the unmitigated images: add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
+    targets = attack_targets(records, max_targets)
     if after:
-        require_unique_captions(records)
-    saved = [SavedMasks(name, path) for name, path in (masks or {}).items()]
-    for sm in saved:
-        sm.require([r.caption for r in attack_targets(records, max_targets)])
-        if Path(sm.path).resolve().is_relative_to((out / "masks").resolve()):
-            raise DoriError(f"mask set {sm.name!r}: {sm.path} is inside this run's masks folder, where the run "
-                            "writes its own copies; copy the masks elsewhere or write the run to another --out")
+        from dori.analyses.bypass import control_records
+
+        require_unique_captions(targets + control_records(records, control_per_kind))
+    saved: list[SavedMasks] = []
+    for name, path in (masks or {}).items():
+        check_mask_set_name(name, {sm.name for sm in saved})
+        saved.append(SavedMasks(name, path))
+        saved[-1].require([r.caption for r in targets])
+        written = [*(sm.name for sm in saved), *({"nemo", "wanda"} & set(stages))]  # this run's mask folders
+        if any(Path(path).resolve().is_relative_to((out / "masks" / w).resolve()) for w in written):
+            raise DoriError(f"mask set {name!r}: {path} is a mask folder this run writes; copy the masks "
+                            "elsewhere or write the run to another --out")
     shard = Shard.from_env(device)
     man["processes"] = shard.world
     if shard.main:
@@ -337,6 +342,8 @@ def run_demo(
     if list(stages) == ["detect"]:
         require_both_kinds(records)
     pipe = load_pipeline(model, device=shard.device(device))
+    for sm in saved:  # masks that do not fit this model fail now, before any image is generated
+        sm.check(pipe, [r.caption for r in targets])
     if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_recipe", None) is None \
             and tuple(stages) == DEFAULT_STAGES:
         log.warning("NeMo skipped: on this model it needs non-memorized prompts for its activation "

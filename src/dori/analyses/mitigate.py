@@ -66,12 +66,14 @@ def attack_targets(records: Sequence[PromptRecord], max_targets: int | None = No
 
 
 def require_unique_captions(records: Sequence[PromptRecord]) -> None:
-    """Masks, triggers and tables are kept per caption: a caption listed twice would be one item for two."""
+    """Masks, triggers and tables are kept per caption: a target or control caption listed twice would be
+    one item for two."""
     seen: Counter[str] = Counter(r.caption for r in records)
     twice = [c for c, n in seen.items() if n > 1]
     if twice:
-        raise DoriError(f"the prompt set lists {len(twice)} caption(s) more than once, e.g. {twice[0][:60]!r}: "
-                        "masks, triggers and tables are kept per caption, so keep one record per caption")
+        raise DoriError(f"the prompt set lists {len(twice)} caption(s) to mitigate or attack more than once, e.g. "
+                        f"{twice[0][:60]!r}: masks, triggers and tables are kept per caption, so keep one record "
+                        "per caption")
 
 
 def first_per_kind(records: Sequence[PromptRecord], n: int | None) -> list[PromptRecord]:
@@ -97,7 +99,8 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
 
     With ``per_prompt_fidelity``, each non-memorized caption is also generated under one memorized
     caption's own mask (assigned in turn; setting ``<method>-own``), the intervention the per-image
-    evaluation makes, next to the joint mask's (the union over all memorized captions).
+    evaluation makes, next to the joint mask's (the union over all memorized captions), unless every
+    caption has the same mask.
     ``shard``: this process's share of the work when several run (:mod:`dori.analyses.distributed`).
     """
     run_dir = Path(run_dir)
@@ -128,7 +131,8 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
                                      key_extra=(joint.digest(),), shard=shard)
 
     own_rows = []
-    if per_prompt_fidelity and mem:
+    # (one mask for every caption, as a saved mask file gives: the joint rows are already these)
+    if per_prompt_fidelity and mem and len({m.digest() for m in masks.values()}) > 1:
         def assigned(i: int) -> list[dict]:  # non-memorized captions under the i-th memorized caption's mask
             m_rec = mem[i]
             return under(masks[m_rec.caption], others[i :: len(mem)], f"{method.name}-own",

@@ -81,25 +81,29 @@ class Mask:
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (kind, layers, metadata)."""
-        path = Path(path)
-        base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        base, js, st = mask_files(path)
         tensors = {f"layer{i}": v for i, v in enumerate(self.layers.values())}
-        write_safetensors(base.with_suffix(".safetensors"), tensors)
+        write_safetensors(st, tensors)
         info = {"kind": self.kind, "layers": list(self.layers), "meta": self.meta, "counts": self.counts()}
-        write_atomic(base.with_suffix(".json"), json.dumps(info, indent=2, default=str))
+        write_atomic(js, json.dumps(info, indent=2, default=str))
         return base
 
     @classmethod
     def load(cls, path: str | Path) -> Mask:
-        path = Path(path)
-        base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-        js, st = base.with_suffix(".json"), base.with_suffix(".safetensors")
+        _, js, st = mask_files(path)
         if not js.is_file() or not st.is_file():
             raise DoriError(f"mask files not found: need both {js} and {st} (written by Mask.save)")
         info = json.loads(js.read_text())
         tensors = load_file(str(st))
         layers = {name: tensors[f"layer{i}"] for i, name in enumerate(info["layers"])}
         return cls(info["kind"], layers, info.get("meta", {}))
+
+
+def mask_files(path: str | Path) -> tuple[Path, Path, Path]:
+    """``(X, X.json, X.safetensors)`` for ``X``, ``X.json`` or ``X.safetensors`` (``X`` may hold dots)."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return base, base.parent / f"{base.name}.json", base.parent / f"{base.name}.safetensors"
 
 
 def _modules(unet: torch.nn.Module, mask: Mask) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -185,6 +189,18 @@ def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor
 RESERVED_NAMES = ("none", "nemo", "wanda")  # the settings dori's own mitigations and the plain model take
 
 
+def check_mask_set_name(name: str, taken: set[str] = frozenset()) -> None:
+    """A saved mask set's name is a folder name and the setting of its rows: it must not be another's."""
+    import re
+
+    lower = name.lower()  # folders of names differing in case are one folder on some file systems
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or lower in RESERVED_NAMES \
+            or lower.endswith(("-joint", "-own")) or lower in {t.lower() for t in taken}:
+        raise DoriError(f"mask set name {name!r}: use letters, digits, '_', '.' or '-' (a folder and row name), "
+                        f"not one of {', '.join(RESERVED_NAMES)} nor another set's name (in any case), and not "
+                        "ending in -joint or -own; e.g. --masks mine=DIR/masks/wanda")
+
+
 class SavedMasks:
     """A mitigation given as masks saved earlier (:meth:`Mask.save`), to audit any mask: ``dori attack
     --masks NAME=PATH`` or ``run_demo(masks={NAME: PATH})``.
@@ -197,31 +213,27 @@ class SavedMasks:
     """
 
     def __init__(self, name: str, path: str | Path):
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in RESERVED_NAMES:
-            raise DoriError(f"mask set name {name!r}: use letters, digits, '_', '.' or '-' (a folder and row "
-                            f"name), not one of {', '.join(RESERVED_NAMES)}; e.g. --masks mine=DIR/masks/wanda")
+        check_mask_set_name(name)
         self.name, self.path = name, Path(path)
-        base = self.path.with_suffix("") if self.path.suffix in (".safetensors", ".json") else self.path
+        _, js, _ = mask_files(self.path)
         if self.path.is_dir():
             self.files = sorted(self.path.glob("*.json"))
             by_prompt: dict[str, Path] = {}
-            for js in self.files:
-                prompt = _read_mask_json(js).get("meta", {}).get("prompt")
+            for f in self.files:
+                prompt = _read_mask_json(f).get("meta", {}).get("prompt")
                 if prompt is None:
                     continue  # e.g. the joint mask beside the per-caption ones
                 if prompt in by_prompt:
-                    raise DoriError(f"masks {by_prompt[prompt].name} and {js.name} in {self.path} are both for "
+                    raise DoriError(f"masks {by_prompt[prompt].name} and {f.name} in {self.path} are both for "
                                     f"the prompt {prompt[:60]!r}: keep one")
-                by_prompt[prompt] = js
+                by_prompt[prompt] = f
             if not by_prompt:
                 raise DoriError(f"{self.path} holds no mask whose metadata names its prompt: give a folder "
                                 "written by dori mitigate (DIR/masks/<method>) or one mask file for every caption")
             self.by_prompt: dict[str, Path] | None = by_prompt
-        elif base.with_suffix(".json").is_file():
-            _read_mask_json(base.with_suffix(".json"))
-            self.files, self.by_prompt = [base.with_suffix(".json")], None
+        elif js.is_file():
+            _read_mask_json(js)
+            self.files, self.by_prompt = [js], None
         else:
             raise DoriError(f"mask set {name!r}: {self.path} is neither a folder of masks nor a mask file "
                             "(X.json with X.safetensors, written by Mask.save or dori mitigate)")
@@ -234,23 +246,33 @@ class SavedMasks:
                             f"{missing[0][:60]!r}: add them, attack fewer captions (max_targets in a run file), or "
                             "give one mask file to apply for every caption")
 
+    def check(self, pipe, captions) -> None:
+        """Fail before any image is generated if a caption's mask does not fit this model's UNet, or the
+        masks mix neuron and weight masks (their union, the joint mask, would be undefined)."""
+        kinds = set()
+        for c in dict.fromkeys(captions):
+            mask = self.localize(pipe, c)
+            kinds.add(mask.kind)
+        if len(kinds) > 1:
+            raise DoriError(f"mask set {self.name!r} ({self.path}) mixes neuron and weight masks: give one kind")
+
     def params(self) -> dict:
-        """The source and a digest of its files' bytes: changed masks are never mistaken for the saved copies."""
+        """A digest of the source files' bytes: changed masks are never mistaken for the run's saved copies."""
         import hashlib
 
         h = hashlib.sha1()
         for js in self.files:
-            for f in (js, js.with_suffix(".safetensors")):
+            for f in mask_files(js)[1:]:
                 h.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
-        return {"source": str(self.path), "digest": h.hexdigest()[:16]}
+        return {"digest": h.hexdigest()[:16]}
 
     def localize(self, pipe, prompt: str) -> Mask:
-        """The saved mask for ``prompt``, its own metadata kept under ``source_meta``."""
+        """The saved mask for ``prompt``; its own metadata is kept, and also whole under ``source_meta``."""
         self.require([prompt])
         js = self.by_prompt[prompt] if self.by_prompt is not None else self.files[0]
         mask = Mask.load(js)
-        mask.meta = {"method": self.name, "prompt": prompt, "source": str(js), "source_meta": mask.meta}
         list(_modules(pipe.unet, mask))  # a mask made for another model fails here, with its layer's name
+        mask.meta = {**mask.meta, "method": self.name, "prompt": prompt, "source": str(js), "source_meta": mask.meta}
         return mask
 
     def __repr__(self) -> str:
@@ -264,6 +286,7 @@ def _read_mask_json(path: Path) -> dict:
         raise DoriError(f"{path} is not a mask's JSON (written by Mask.save): {e}") from None
     if not isinstance(info, dict) or "kind" not in info or "layers" not in info:
         raise DoriError(f"{path} is not a mask's JSON (written by Mask.save): it lacks kind and layers")
-    if not path.with_suffix(".safetensors").is_file():
-        raise DoriError(f"mask {path} has no {path.with_suffix('.safetensors').name} beside it")
+    st = mask_files(path)[2]
+    if not st.is_file():
+        raise DoriError(f"mask {path} has no {st.name} beside it")
     return info
