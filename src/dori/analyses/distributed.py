@@ -15,8 +15,8 @@ Two ways to share the work:
   which now only reads what was stored.
 
 Code that computes and stores an item calls :func:`stored_only` first: in the reading pass, an item that
-is not on disk means the processes disagree on its key, and the run stops with that message instead of
-quietly computing the item a second time.
+is not on disk means the processes do not share the run folder or disagree on the item's key, and the run
+stops with that message instead of quietly computing the item a second time.
 """
 
 from __future__ import annotations
