@@ -16,7 +16,7 @@ from dori.analyses.runfile import write_run_file
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
-from dori.mitigations.masks import SavedMasks, check_mask_set_name
+from dori.mitigations.masks import SavedMasks
 from dori.models.layers import resolve_layers
 from dori.models.loading import load_pipeline, model_id
 from dori.reports.html import render_report
@@ -327,8 +327,7 @@ def run_demo(
         require_unique_captions(targets + control_records(records, control_per_kind))
     saved: list[SavedMasks] = []
     for name, path in (masks or {}).items():
-        check_mask_set_name(name, {sm.name for sm in saved})
-        saved.append(SavedMasks(name, path))
+        saved.append(SavedMasks(name, path, taken={sm.name for sm in saved}))
         saved[-1].require([r.caption for r in targets])
         written = [*(sm.name for sm in saved), *({"nemo", "wanda"} & set(stages))]  # this run's mask folders
         if any(Path(path).resolve().is_relative_to((out / "masks" / w).resolve()) for w in written):
@@ -387,20 +386,12 @@ def run_demo(
             roc_plot(results["detection"], out / "plots" / "roc.png")
             results["plots"].append({"title": "Detection ROC", "path": "plots/roc.png"})
     mitigations = {}
-    for name in ("nemo", "wanda"):
-        if name in stages:
-            method = methods[name]
-            plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
-            res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity,
-                                 max_targets, fidelity_per_kind, shard)
-            samples += res["samples"]
-            mitigations[name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
-    for sm in saved:  # masks made elsewhere: the same before/after table, then the same attack
-        plain = [s for s in samples if s["stage"] == "generate"]
-        res = run_mitigation(pipe, sm, records, seeds, m, out, gen, plain, per_prompt_fidelity, max_targets,
-                             fidelity_per_kind, shard)
+    for method in [*methods.values(), *saved]:  # NeMo, Wanda, then masks made elsewhere, the same way
+        plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
+        res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity,
+                             max_targets, fidelity_per_kind, shard)
         samples += res["samples"]
-        mitigations[sm.name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
+        mitigations[method.name] = {"summary": res["summary"], "table": res["table"], "masks": res["masks"]}
     if "bypass" in stages:
         from dori.analyses.bypass import (
             bypass_table,

@@ -212,8 +212,8 @@ class SavedMasks:
     or Wanda: :meth:`localize` returns a caption's mask, and ``name`` is the setting of its rows.
     """
 
-    def __init__(self, name: str, path: str | Path):
-        check_mask_set_name(name)
+    def __init__(self, name: str, path: str | Path, taken: set[str] = frozenset()):
+        check_mask_set_name(name, taken)  # taken: the names of the run's other mask sets
         self.name, self.path = name, Path(path)
         _, js, _ = mask_files(self.path)
         if self.path.is_dir():
