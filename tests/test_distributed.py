@@ -153,11 +153,19 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     study = tmp_path / "study.json"
     study.write_text(json.dumps(RUN))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []  # both runs at once: 3 single-threaded processes keep 2 cores busy (one after the other: 1, then 2)
     for n, out in ((2, "two"), (1, "one")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                "-m", "dori", "run", str(study), "--out", str(tmp_path / out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = tmp_path / f"{out}.log"  # a file, not a pipe: a full pipe would stall a run that nobody reads yet
+        with log.open("w") as f:
+            procs.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    try:
+        for proc, log in procs:
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        for proc, _ in procs:
+            proc.kill()  # no-op for a finished run; ends the other when one failed or hung
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
 
     assert two["manifest"]["processes"] == 2 and one["manifest"]["processes"] == 1

@@ -22,7 +22,7 @@ def test_tiny_loads_as_stable_diffusion_pipeline(tiny_pipe):
 
 
 def test_plain_diffusers_from_pretrained_loads_the_shipped_folder():
-    # `import dori` (done above) is all diffusers needs for the pixel-space VAE class
+    # `import dori.models.pixel_vae` (done above) is all diffusers needs for the pixel-space VAE class
     pipe = StableDiffusionPipeline.from_pretrained(str(TINY_PATH), safety_checker=None, requires_safety_checker=False)
     img = pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=2.0,
                height=32, width=32, output_type="pt").images

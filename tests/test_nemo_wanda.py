@@ -12,6 +12,8 @@ from dori.models.generate import encode_prompts
 from dori.models.layers import resolve_layers
 
 MEMORIZED = "chelsea the orange tabby cat looking up"
+# the memorized caption whose search on SD's value group is shortest (69 UNet calls to the cat's 187)
+SHORT_SEARCH = "a red motorcycle parked in a workshop"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
     kw = nemo_kwargs | {"layer_group": "nemo-value"}  # SD's group: 4 layers here, cheaper than the shipped 10
     with caplog.at_level(logging.WARNING, logger="dori.mitigations.nemo"):
         # the reference procedure: one full UNet call per candidate check
-        seq = NeMo(**kw, batch_candidates=1, reuse_prefix=False).localize(tiny_pipe, MEMORIZED, stats)
+        seq = NeMo(**kw, batch_candidates=1, reuse_prefix=False).localize(tiny_pipe, SHORT_SEARCH, stats)
     # NeMo warns exactly when even the whole layer group deactivated stays above its threshold
     warned = any("almost surely out of reach" in r.getMessage() for r in caplog.records)
     assert warned == (not seq.stats["threshold_reachable"])
@@ -46,7 +48,7 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
     # dori's default (one check per call, prefix replay) and batched checks with replay (4 per call
     # here): exact on the CPU, where float results do not depend on the batch (on CUDA: tests/test_gpu.py)
     for batch in (1, 4):
-        run = NeMo(**kw, batch_candidates=batch, reuse_prefix=True).localize(tiny_pipe, MEMORIZED, stats)
+        run = NeMo(**kw, batch_candidates=batch, reuse_prefix=True).localize(tiny_pipe, SHORT_SEARCH, stats)
         assert seq.memorized and run.memorized
         assert seq.mask.counts() == run.mask.counts()
         assert all(torch.equal(seq.mask.layers[n], run.mask.layers[n]) for n in seq.mask.layers)

@@ -7,16 +7,29 @@ Example:
     >>> out = dori.generate(pipe, [p.caption for p in prompts[:2]], seeds=[0, 1])
 """
 
+import importlib
+
 import dori._quiet  # noqa: F401  (first: silences an expected transformers notice)
-from dori.data.prompts import PromptRecord, load_prompt_set
 from dori.errors import DoriError
-from dori.models.generate import GenerationOutput, encode_prompts, generate
-from dori.models.layers import resolve_layers
-from dori.models.loading import load_pipeline
-from dori.models.pixel_vae import PixelIdentityVAE
 
 __version__ = "0.1.0"
-__all__ = [
-    "DoriError", "GenerationOutput", "PixelIdentityVAE", "PromptRecord", "__version__", "encode_prompts",
-    "generate", "load_pipeline", "load_prompt_set", "resolve_layers",
-]
+# imported on first use (PEP 562), so that `dori --help` and input errors do not wait for torch and diffusers
+_LAZY = {
+    "PromptRecord": "dori.data.prompts", "load_prompt_set": "dori.data.prompts",
+    "GenerationOutput": "dori.models.generate", "encode_prompts": "dori.models.generate",
+    "generate": "dori.models.generate", "resolve_layers": "dori.models.layers",
+    "load_pipeline": "dori.models.loading", "PixelIdentityVAE": "dori.models.pixel_vae",
+}
+__all__ = ["DoriError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dori' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from dori.analyses.distributed import SOLO, Shard, stored_only
 from dori.analyses.mitigate import attack_targets
 from dori.analyses.replication import EvalRequest, evaluate_requests
+from dori.analyses.runfile import PAPER_BUDGETS
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
 from dori.data.prompts import PromptRecord, load_reference
@@ -50,7 +51,6 @@ from dori.reports.results import ItemStore, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
-PAPER_BUDGETS = (0, 1, 10, 25, 50)
 CONTROL_KINDS = ("seen_once", "held_out")
 
 

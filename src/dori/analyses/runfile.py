@@ -23,10 +23,12 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from dori.analyses.bypass import PAPER_BUDGETS
 from dori.errors import DoriError
 
 RUN_FILE = "run.json"
+# the paper's attack budgets (DoRI steps) of the MR-vs-steps curve; kept here, not in bypass.py, so that the
+# CLI can read its defaults without importing torch
+PAPER_BUDGETS = (0, 1, 10, 25, 50)
 # what `dori attack` uses (the paper's attack settings, all memorized captions and control photos), with
 # every stage: generate, detect, nemo, wanda, bypass
 # (`dori attack` takes its defaults from here too, so the two cannot drift apart)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import dori.models.pixel_vae  # noqa: F401  (diffusers finds the tiny model's VAE class by its module name)
 from dori.errors import DoriError
 
 log = logging.getLogger(__name__)
