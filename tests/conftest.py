@@ -8,6 +8,7 @@ Markers (skipped unless asked):
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs real weights: DORI_SD_PATH=... pytest -m weights"))
         if "gpu" in item.keywords and "gpu" not in markexpr:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device: pytest -m gpu"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """dori's cache (NeMo statistics, distractor scores) in a folder of this session, shared by its tests and
+    the processes they start: a run of the suite neither reads nor fills the user's ~/.cache/dori."""
+    before = os.environ.get("DORI_CACHE")
+    os.environ["DORI_CACHE"] = str(tmp_path_factory.mktemp("dori_cache"))
+    yield Path(os.environ["DORI_CACHE"])
+    if before is None:
+        os.environ.pop("DORI_CACHE")
+    else:
+        os.environ["DORI_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,36 @@ def test_a_distinct_photo_above_the_global_threshold_is_not_a_copy():
         assert m.threshold_for(load_photo(name)) == PIXEL_SSIM_THRESHOLD
 
 
+def test_distractor_scores_are_read_back_from_the_cache_and_keyed_by_what_they_depend_on(monkeypatch, tmp_path):
+    import json
+
+    import dori.metrics.pixel as pixel
+
+    monkeypatch.setenv("DORI_CACHE", str(tmp_path))
+    monkeypatch.setattr(pixel, "_DISTRACTOR_SCORES", {})  # a fresh process
+    face = load_lfw(3, 32)
+    first = PixelSSIM().distractor_score(face)
+    stored = json.loads((tmp_path / "pixel_ssim_distractors.json").read_text())
+    assert list(stored.values()) == [first]
+
+    computed = []
+    real = PixelSSIM.pairwise
+    monkeypatch.setattr(PixelSSIM, "pairwise", lambda self, *a: computed.append(1) or real(self, *a))
+    monkeypatch.setattr(pixel, "_DISTRACTOR_SCORES", {})  # the next process reads the file: nothing computed
+    assert PixelSSIM().distractor_score(face) == first and computed == []
+    PixelSSIM().distractor_score(load_lfw(4, 32))  # another reference
+    PixelSSIM().distractor_score(face, size=16)  # another size (another pool)
+    assert len(computed) == 2 and len(json.loads((tmp_path / "pixel_ssim_distractors.json").read_text())) == 3
+    monkeypatch.setattr(pixel, "SAME_IMAGE_SSIM", 0.99)  # another protocol constant
+    PixelSSIM().distractor_score(face)
+    assert len(computed) == 3
+
+    (tmp_path / "pixel_ssim_distractors.json").write_text('{"a": "not a number"')  # unreadable: computed again
+    monkeypatch.setattr(pixel, "_DISTRACTOR_SCORES", {})
+    monkeypatch.setattr(pixel, "SAME_IMAGE_SSIM", 0.98)
+    assert PixelSSIM().distractor_score(face) == first and len(computed) == 4
+
+
 def test_threshold_lies_above_the_photo_pair_null():
     null = photo_pair_null()
     assert null.numel() > 500

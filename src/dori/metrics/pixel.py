@@ -22,14 +22,20 @@ distractor scores are 0.17-0.45 (docs/metrics.md).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from functools import lru_cache
 
 import numpy as np
+import skimage
 import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from dori.metrics.base import ReplicationMetric
+from dori.reports.results import cache_dir, write_json
+
+log = logging.getLogger(__name__)
 
 PIXEL_SSIM_THRESHOLD = 0.5  # see docs/metrics.md, "pixel-ssim calibration"
 SAME_IMAGE_SSIM = 0.98  # pool images at least this close to a reference are the reference itself
@@ -69,14 +75,20 @@ class PixelSSIM(ReplicationMetric):
         self.threshold, self.distractors = threshold, distractors
 
     def distractor_score(self, reference: torch.Tensor, size: int = 32) -> float:
-        """Highest SSIM that another image of the pool reaches against ``reference`` at ``size`` (about 0.5 s
-        per reference on a CPU core; kept for the process, since the pool is pinned)."""
+        """Highest SSIM that another image of the pool reaches against ``reference`` at ``size``.
+
+        About 0.5 s per reference on a CPU core, so each score is kept in dori's cache
+        (``$DORI_CACHE/pixel_ssim_distractors.json``), keyed by the digests of the resized reference and of
+        the pool, the SSIM implementation's version and the protocol's constants."""
         ref = resize_square(reference.detach().float().cpu(), size)
-        key = (hashlib.sha1(ref.numpy().tobytes()).hexdigest(), size)
-        if key not in _DISTRACTOR_SCORES:
+        key = _digest([_pool_digest(size), _digest(ref.numpy().tobytes()), skimage.__version__, SAME_IMAGE_SSIM,
+                       self.version])
+        known = _known_distractor_scores()
+        if key not in known:
             s = self.pairwise(_distractor_pool(size), [ref])[:, 0]
-            _DISTRACTOR_SCORES[key] = float(s[s < SAME_IMAGE_SSIM].max())
-        return _DISTRACTOR_SCORES[key]
+            known[key] = float(s[s < SAME_IMAGE_SSIM].max())
+            _store_distractor_scores(known)
+        return known[key]
 
     def threshold_for(self, reference: torch.Tensor, size: int = 32) -> float:
         if not self.distractors:
@@ -97,9 +109,39 @@ class PixelSSIM(ReplicationMetric):
         return torch.from_numpy(out).float()
 
 
-# (digest of the resized reference, size) -> its distractor score: a function of the pinned pool alone, so
-# every PixelSSIM of the process shares it
-_DISTRACTOR_SCORES: dict[tuple[str, int], float] = {}
+_DISTRACTOR_SCORES: dict[str, float] = {}  # this process's, and those read from the cache file once
+_DISTRACTORS_FILE = "pixel_ssim_distractors.json"
+
+
+def _digest(data) -> str:
+    return hashlib.sha1(data if isinstance(data, bytes) else json.dumps(data).encode()).hexdigest()
+
+
+def _known_distractor_scores() -> dict[str, float]:
+    if not _DISTRACTOR_SCORES:
+        try:
+            stored = json.loads((cache_dir() / _DISTRACTORS_FILE).read_text())
+            _DISTRACTOR_SCORES.update({str(k): float(v) for k, v in stored.items()})
+        except (OSError, ValueError, TypeError, AttributeError):  # none yet, or unreadable: computed again
+            pass
+    return _DISTRACTOR_SCORES
+
+
+def _store_distractor_scores(known: dict[str, float]) -> None:
+    path = cache_dir() / _DISTRACTORS_FILE
+    try:
+        try:  # keep what other processes stored meanwhile
+            stored = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            stored = {}
+        write_json(path, stored | known)
+    except OSError as e:  # a read-only home: the scores are computed again next time, nothing else changes
+        log.warning("could not write dori's cache %s (%s); set DORI_CACHE to a writable folder", path, e)
+
+
+@lru_cache(maxsize=2)
+def _pool_digest(size: int) -> str:
+    return _digest(_distractor_pool(size).numpy().tobytes())
 
 
 @lru_cache(maxsize=2)

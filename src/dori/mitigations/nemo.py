@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from dori.models.generate import encode_prompts, generate, initial_noise
 from dori.models.layers import resolve_layers
 from dori.models.loading import modules_fingerprint
 from dori.models.replay import PrefixReplay
-from dori.reports.results import write_safetensors
+from dori.reports.results import cache_dir, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class NeMo:
         self.reuse_prefix = reuse_prefix
         self._replay: PrefixReplay | None = None
         self._replay_selection: dict[str, list[int]] | None = None  # the selection of the replay's state
-        self.stats_cache = Path(stats_cache or os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
+        self.stats_cache = Path(stats_cache or cache_dir())
         self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._calls = self._checks = self._speculative = 0
         self.stats_key: str | None = None  # which statistics (model, layers, prompts, weights) are fitted

@@ -33,6 +33,13 @@ import torch
 SCHEMA_VERSION = 2
 
 
+def cache_dir() -> Path:
+    """dori's cache of derived data that is costly to compute again (NeMo's activation statistics, the
+    pixel-ssim distractor scores): ``$DORI_CACHE``, default ``~/.cache/dori``. Every entry is keyed by
+    what it was computed from; deleting the folder only costs the time to compute them again."""
+    return Path(os.environ.get("DORI_CACHE") or Path.home() / ".cache" / "dori")
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
