@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -159,13 +160,16 @@ def test_two_processes_give_the_results_of_one(tmp_path):
                "-m", "dori", "run", str(study), "--out", str(tmp_path / out)]
         log = tmp_path / f"{out}.log"  # a file, not a pipe: a full pipe would stall a run that nobody reads yet
         with log.open("w") as f:
-            procs.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+            procs.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True), log))
     try:
         for proc, log in procs:
             assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         for proc, _ in procs:
-            proc.kill()  # no-op for a finished run; ends the other when one failed or hung
+            if proc.poll() is None:  # the other run, when one failed or hung: the launcher and its workers
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
 
     assert two["manifest"]["processes"] == 2 and one["manifest"]["processes"] == 1

@@ -66,10 +66,13 @@ def test_distractor_scores_are_read_back_from_the_cache_and_keyed_by_what_they_d
     PixelSSIM().distractor_score(face)
     assert len(computed) == 3
 
-    (tmp_path / "pixel_ssim_distractors.json").write_text('{"a": "not a number"')  # unreadable: computed again
-    monkeypatch.setattr(pixel, "_DISTRACTOR_SCORES", {})
     monkeypatch.setattr(pixel, "SAME_IMAGE_SSIM", 0.98)
-    assert PixelSSIM().distractor_score(face) == first and len(computed) == 4
+    key = next(k for k, v in stored.items() if v == first)
+    for bad in ('{"a": "not a number"', json.dumps({key: float("inf")}), json.dumps({key: 7.0})):
+        (tmp_path / "pixel_ssim_distractors.json").write_text(bad)  # unreadable, or not a score: computed again
+        monkeypatch.setattr(pixel, "_DISTRACTOR_SCORES", {})
+        before = len(computed)
+        assert PixelSSIM().distractor_score(face) == first and len(computed) == before + 1
 
 
 def test_threshold_lies_above_the_photo_pair_null():

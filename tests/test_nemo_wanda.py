@@ -56,6 +56,7 @@ def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny
         for key in ("signal_floor", "initial_signal", "final_signal"):
             assert seq.stats[key] == pytest.approx(run.stats[key], abs=1e-5)
         assert run.stats["replayed_units"] > 0
+        assert (run.stats["speculative"] > 0) == (batch > 1)  # a batch checked past a hit, and redone
     bat = run
     assert bat.stats["unet_calls"] < seq.stats["unet_calls"]
     assert 0 < len(bat.mask) <= bat.stats["n_initial"]

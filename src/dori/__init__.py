@@ -26,10 +26,16 @@ __all__ = ["DoriError", "__version__", *_LAZY]
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dori' has no attribute {name!r}")
+    else:  # a subpackage, as `dori.models` after `import dori`
+        try:
+            value = importlib.import_module(f"dori.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dori.{name}":
+                raise
+            raise AttributeError(f"module 'dori' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(__all__)
+    return sorted(set(globals()) | set(__all__))

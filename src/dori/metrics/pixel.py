@@ -27,17 +27,20 @@ import logging
 from functools import lru_cache
 
 import numpy as np
+import scipy
 import skimage
 import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from dori.metrics.base import ReplicationMetric
-from dori.reports.results import cache_dir, write_json
+from dori.reports.results import cache_dir, tensor_digest, write_json
 
 log = logging.getLogger(__name__)
 
 PIXEL_SSIM_THRESHOLD = 0.5  # see docs/metrics.md, "pixel-ssim calibration"
+# the protocol's SSIM: Gaussian window (sigma 1.5), population covariance
+_SSIM_KW = dict(channel_axis=0, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
 SAME_IMAGE_SSIM = 0.98  # pool images at least this close to a reference are the reference itself
 
 
@@ -79,10 +82,11 @@ class PixelSSIM(ReplicationMetric):
 
         About 0.5 s per reference on a CPU core, so each score is kept in dori's cache
         (``$DORI_CACHE/pixel_ssim_distractors.json``), keyed by the digests of the resized reference and of
-        the pool, the SSIM implementation's version and the protocol's constants."""
+        the pool, the versions of scikit-image and scipy (its filters), the SSIM settings, the same-image
+        bound and the metric's version."""
         ref = resize_square(reference.detach().float().cpu(), size)
-        key = _digest([_pool_digest(size), _digest(ref.numpy().tobytes()), skimage.__version__, SAME_IMAGE_SSIM,
-                       self.version])
+        key = _digest([_pool_digest(size), tensor_digest(ref), skimage.__version__, scipy.__version__, _SSIM_KW,
+                       SAME_IMAGE_SSIM, self.version])
         known = _known_distractor_scores()
         if key not in known:
             s = self.pairwise(_distractor_pool(size), [ref])[:, 0]
@@ -103,40 +107,44 @@ class PixelSSIM(ReplicationMetric):
         out = np.empty((len(g), len(r)), dtype=np.float64)
         for i in range(len(g)):
             for j in range(len(r)):
-                out[i, j] = structural_similarity(g[i], r[j], channel_axis=0, data_range=1.0,
-                                                  gaussian_weights=True, sigma=1.5,
-                                                  use_sample_covariance=False)
+                out[i, j] = structural_similarity(g[i], r[j], **_SSIM_KW)
         return torch.from_numpy(out).float()
 
 
 _DISTRACTOR_SCORES: dict[str, float] = {}  # this process's, and those read from the cache file once
 _DISTRACTORS_FILE = "pixel_ssim_distractors.json"
+_UNWRITABLE: list[str] = []  # the cache files that could not be written (warned once each)
 
 
 def _digest(data) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else json.dumps(data).encode()).hexdigest()
 
 
+def _stored_distractor_scores() -> dict[str, float]:
+    """The cache file's scores that can be SSIM distractor scores; nothing when it is missing or unreadable
+    (the scores are then computed again)."""
+    try:
+        stored = json.loads((cache_dir() / _DISTRACTORS_FILE).read_text())
+        items = [(str(k), float(v)) for k, v in stored.items()]
+    except (OSError, RuntimeError, ValueError, TypeError, AttributeError):  # RuntimeError: no home folder
+        return {}
+    return {k: v for k, v in items if -1.0 <= v < SAME_IMAGE_SSIM}  # NaN and infinities fail this too
+
+
 def _known_distractor_scores() -> dict[str, float]:
     if not _DISTRACTOR_SCORES:
-        try:
-            stored = json.loads((cache_dir() / _DISTRACTORS_FILE).read_text())
-            _DISTRACTOR_SCORES.update({str(k): float(v) for k, v in stored.items()})
-        except (OSError, ValueError, TypeError, AttributeError):  # none yet, or unreadable: computed again
-            pass
+        _DISTRACTOR_SCORES.update(_stored_distractor_scores())
     return _DISTRACTOR_SCORES
 
 
 def _store_distractor_scores(known: dict[str, float]) -> None:
-    path = cache_dir() / _DISTRACTORS_FILE
     try:
-        try:  # keep what other processes stored meanwhile
-            stored = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, TypeError, AttributeError):
-            stored = {}
-        write_json(path, stored | known)
-    except OSError as e:  # a read-only home: the scores are computed again next time, nothing else changes
-        log.warning("could not write dori's cache %s (%s); set DORI_CACHE to a writable folder", path, e)
+        path = cache_dir() / _DISTRACTORS_FILE
+        write_json(path, _stored_distractor_scores() | known)  # keeps what other processes stored meanwhile
+    except (OSError, RuntimeError) as e:  # the scores are computed again next time; nothing else changes
+        if str(e) not in _UNWRITABLE:
+            _UNWRITABLE.append(str(e))
+            log.warning("could not write dori's cache (%s); set DORI_CACHE to a writable folder", e)
 
 
 @lru_cache(maxsize=2)

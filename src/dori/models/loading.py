@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-import dori.models.pixel_vae  # noqa: F401  (diffusers finds the tiny model's VAE class by its module name)
 from dori.errors import DoriError
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
-    import dori  # noqa: F401  (registers PixelIdentityVAE for the tiny model's model_index.json)
+    import dori.models.pixel_vae  # noqa: F401  (diffusers finds the tiny model's VAE class among imported modules)
 
     target = resolve_model_path(name_or_path)
     try:

@@ -196,7 +196,8 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         tokenizer_dir: folder with CLIP's tokenizer files; default: the shipped model's tokenizer.
 
     Returns:
-        The output folder, loadable with ``dori.load_pipeline(path)`` or diffusers' ``from_pretrained``.
+        The output folder, loadable with ``dori.load_pipeline(path)``, or with diffusers' ``from_pretrained``
+        after ``import dori.models.pixel_vae``.
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor
