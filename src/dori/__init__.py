@@ -13,7 +13,7 @@ import dori._quiet  # noqa: F401  (first: silences an expected transformers noti
 from dori.errors import DoriError
 
 __version__ = "0.1.0"
-# imported on first use (PEP 562), so that `dori --help` and input errors do not wait for torch and diffusers
+# imported on first use (PEP 562), so that `dori --help` and option parsing do not wait for torch and diffusers
 _LAZY = {
     "PromptRecord": "dori.data.prompts", "load_prompt_set": "dori.data.prompts",
     "GenerationOutput": "dori.models.generate", "encode_prompts": "dori.models.generate",

@@ -113,7 +113,7 @@ class PixelSSIM(ReplicationMetric):
 
 _DISTRACTOR_SCORES: dict[str, float] = {}  # this process's, and those read from the cache file once
 _DISTRACTORS_FILE = "pixel_ssim_distractors.json"
-_UNWRITABLE: list[str] = []  # the cache files that could not be written (warned once each)
+_UNWRITABLE: list[str] = []  # the write errors already warned about (each once)
 
 
 def _digest(data) -> str:
