@@ -15,13 +15,23 @@ def test_ls_lists_registries():
         assert name in r.output
 
 
-def test_help_and_the_command_line_load_without_torch():
-    """`dori --help` and the CLI's option parsing wait for no heavy import (torch, diffusers: about 6 s)."""
+def test_help_and_the_command_line_load_without_torch(tmp_path):
+    """`dori --help` and the options' own checks wait for no heavy import (torch, diffusers: about 6 s)."""
     code = ("import atexit, sys; atexit.register(lambda: print('heavy:', sorted({'torch', 'diffusers', "
             "'transformers'} & set(sys.modules)))); from dori.cli import main; main()")
-    r = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+
+    def dori(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+
+    r = dori("--help")
     assert r.returncode == 0 and "attack" in r.stdout
     assert r.stdout.strip().endswith("heavy: []"), r.stdout[-300:]
+    for args, message in ((["attack", "--mitigation", "foo"], "--mitigation takes nemo, wanda or none"),
+                          (["demo", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
+                          (["mitigate", "--method", "wanda", "--param", "sparsity=0.1"], "METHOD.KEY=VALUE")):
+        r = dori(*args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert r.stdout.strip().endswith("heavy: []"), (args, r.stdout[-300:])
 
 
 @pytest.fixture

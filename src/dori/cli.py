@@ -95,16 +95,16 @@ def demo(
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
     them (NeMo, Wanda) and attack the mitigations with DoRI; write results.json and report.html."""
-    from dori.analyses.demo import run_demo
-
     sizes = {k: v or None for k, v in (("max_targets", targets), ("fidelity_per_kind", fidelity_per_kind))
              if v is not None}  # unset: run_demo's DEMO_TARGETS / DEMO_FIDELITY_PER_KIND; 0: all
-    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
+    parsed = dict(seeds=_ints(seeds), budgets=_ints(budgets, "--budgets"), method_params=_method_params(param))
+    from dori.analyses.demo import run_demo  # after the options' own checks: torch and diffusers take seconds
+
+    res = run_demo(model=model, out=out, prompt_set=prompts, metric=metric,
                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance,
                    guidance_rescale=guidance_rescale, device=device, images_dir=images_dir, stages=_list(stages),
-                   stats_prompts=stats_prompts,
-                   budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
-                   method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity, **sizes)
+                   stats_prompts=stats_prompts, attack=dict(pairs=pairs),
+                   per_prompt_fidelity=per_prompt_fidelity, **parsed, **sizes)
     _print_results(res, out)
 
 
@@ -181,9 +181,10 @@ def detect(
 ):
     """Score every caption with the memorization detectors: per-prompt scores, AUROC and TPR at 1% FPR
     (memorized vs the rest) in results.json, the ROC in report.html. No image is generated."""
-    from dori.analyses.demo import run_demo
+    parsed = _ints(seeds)
+    from dori.analyses.demo import run_demo  # after the options' own checks: torch and diffusers take seconds
 
-    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), device=device,
+    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=parsed, device=device,
                    images_dir=images_dir, stages=["detect"], detectors=_list(detectors), command="dori detect")
     _print_results(res, out)
 
@@ -220,8 +221,6 @@ def attack(
 ):
     """The bypass benchmark: mitigate, then attack each memorized image with DoRI through the mitigation;
     the non-memorized control is attacked with the same budget on the unmitigated model."""
-    from dori.analyses.demo import run_demo
-
     saved = _named_paths(masks or [])
     given = _list(mitigation) if mitigation else [] if saved else ["wanda"]
     if "none" in given and (len(given) > 1 or saved):
@@ -232,11 +231,14 @@ def attack(
     if bad:
         raise DoriError(f"--mitigation takes nemo, wanda or none, got {sorted(bad)}")
     overrides = {k: v for k, v in dict(lr=lr, pairs=pairs, restarts=restarts, init=init).items() if v is not None}
-    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric, sscd_path=sscd,
+    parsed = dict(seeds=_ints(seeds), budgets=_ints(budgets, "--budgets"), method_params=_method_params(param))
+    from dori.analyses.demo import run_demo  # after the options' own checks: torch and diffusers take seconds
+
+    res = run_demo(model=model, out=out, prompt_set=prompts, metric=metric, sscd_path=sscd,
                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
-                   stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
+                   stats_prompts=stats_prompts, attack=overrides,
                    attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
-                   method_params=_method_params(param), early_stop=early_stop, masks=saved or None,
+                   early_stop=early_stop, masks=saved or None, **parsed,
                    command="dori attack",
                    **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
     _print_results(res, out)
