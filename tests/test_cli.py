@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from dori.cli import app, main
+from dori.cli import QUIET_LOGGERS, app, main
 
 
 def test_ls_lists_registries():
@@ -39,7 +39,7 @@ def dori_cli(monkeypatch, capsys):
     """`dori ARGS` through `main()` in this process: its exit code and stderr, as a finished process gives
     them, without a new interpreter's 6 s of imports each time (the real process: the test below). An
     exception that `main()` lets through fails the test with its traceback."""
-    levels = {n: logging.getLogger(n).level for n in ("httpx", "diffusers", "transformers")}  # main() quiets them
+    levels = {n: logging.getLogger(n).level for n in QUIET_LOGGERS}  # main() quiets them
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["dori", *args])

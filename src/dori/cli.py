@@ -97,15 +97,21 @@ def demo(
     them (NeMo, Wanda) and attack the mitigations with DoRI; write results.json and report.html."""
     sizes = {k: v or None for k, v in (("max_targets", targets), ("fidelity_per_kind", fidelity_per_kind))
              if v is not None}  # unset: run_demo's DEMO_TARGETS / DEMO_FIDELITY_PER_KIND; 0: all
-    parsed = dict(seeds=_ints(seeds), budgets=_ints(budgets, "--budgets"), method_params=_method_params(param))
-    from dori.analyses.demo import run_demo  # after the options' own checks: torch and diffusers take seconds
-
-    res = run_demo(model=model, out=out, prompt_set=prompts, metric=metric,
-                   sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance,
-                   guidance_rescale=guidance_rescale, device=device, images_dir=images_dir, stages=_list(stages),
-                   stats_prompts=stats_prompts, attack=dict(pairs=pairs),
-                   per_prompt_fidelity=per_prompt_fidelity, **parsed, **sizes)
+    res = _run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric,
+                    sscd_path=sscd, num_inference_steps=steps, guidance_scale=guidance,
+                    guidance_rescale=guidance_rescale, device=device, images_dir=images_dir, stages=_list(stages),
+                    stats_prompts=stats_prompts,
+                    budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
+                    method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity, **sizes)
     _print_results(res, out)
+
+
+def _run_demo(**kwargs) -> dict:
+    """`run_demo`, imported only now: its arguments, parsed by the caller, fail first if they are bad, without
+    waiting seconds for torch and diffusers."""
+    from dori.analyses.demo import run_demo
+
+    return run_demo(**kwargs)
 
 
 def _list(text: str) -> list[str]:
@@ -181,11 +187,8 @@ def detect(
 ):
     """Score every caption with the memorization detectors: per-prompt scores, AUROC and TPR at 1% FPR
     (memorized vs the rest) in results.json, the ROC in report.html. No image is generated."""
-    parsed = _ints(seeds)
-    from dori.analyses.demo import run_demo  # after the options' own checks: torch and diffusers take seconds
-
-    res = run_demo(model=model, out=out, prompt_set=prompts, seeds=parsed, device=device,
-                   images_dir=images_dir, stages=["detect"], detectors=_list(detectors), command="dori detect")
+    res = _run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), device=device,
+                    images_dir=images_dir, stages=["detect"], detectors=_list(detectors), command="dori detect")
     _print_results(res, out)
 
 
@@ -231,16 +234,13 @@ def attack(
     if bad:
         raise DoriError(f"--mitigation takes nemo, wanda or none, got {sorted(bad)}")
     overrides = {k: v for k, v in dict(lr=lr, pairs=pairs, restarts=restarts, init=init).items() if v is not None}
-    parsed = dict(seeds=_ints(seeds), budgets=_ints(budgets, "--budgets"), method_params=_method_params(param))
-    from dori.analyses.demo import run_demo  # after the options' own checks: torch and diffusers take seconds
-
-    res = run_demo(model=model, out=out, prompt_set=prompts, metric=metric, sscd_path=sscd,
-                   device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
-                   stats_prompts=stats_prompts, attack=overrides,
-                   attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
-                   early_stop=early_stop, masks=saved or None, **parsed,
-                   command="dori attack",
-                   **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
+    res = _run_demo(model=model, out=out, prompt_set=prompts, seeds=_ints(seeds), metric=metric, sscd_path=sscd,
+                    device=device, images_dir=images_dir, stages=["generate", *mits, "bypass"],
+                    stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
+                    attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
+                    method_params=_method_params(param), early_stop=early_stop, masks=saved or None,
+                    command="dori attack",
+                    **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
     _print_results(res, out)
 
 
@@ -256,11 +256,10 @@ def run(
     it leaves out take `dori attack`'s defaults (the paper's settings, every caption) and all five stages.
     Every run writes its arguments to DIR/run.json before it starts, so `dori run DIR` resumes a killed
     run of `dori demo`, `detect`, `mitigate` or `attack`."""
-    from dori.analyses.demo import run_demo
     from dori.analyses.runfile import load_run_file
 
     args = load_run_file(path, out)
-    res = run_demo(**args, command="dori run")
+    res = _run_demo(**args, command="dori run")
     _print_results(res, Path(args["out"]))
 
 
@@ -383,9 +382,12 @@ def calibrate_pixel_cmd(
         Console().print(f"{k}: {v}")
 
 
+QUIET_LOGGERS = ("httpx", "diffusers", "transformers")  # only their errors reach the terminal
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "diffusers", "transformers"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from dori.analyses.distributed import close
 
