@@ -82,6 +82,44 @@ def test_run_json_is_written_before_the_run_and_resumes_it(tmp_path, monkeypatch
     assert load_run_file(tmp_path / "run.json")["early_stop"] is False
 
 
+
+def test_a_run_records_its_local_paths_absolute_and_resumes_from_another_directory(tmp_path, monkeypatch):
+    import dori.analyses.demo as demo
+
+    loaded = []
+
+    def killed(model, **k):
+        loaded.append(model)
+        raise KeyboardInterrupt  # the kill, while the model loads
+
+    monkeypatch.setattr(demo, "load_pipeline", killed)
+    start, elsewhere = tmp_path.resolve() / "start", tmp_path.resolve() / "elsewhere"
+    for d in (start / "models" / "sd", start / "refs", elsewhere / "models" / "sd", elsewhere / "tiny"):
+        d.mkdir(parents=True)
+    (start / "captions.txt").write_text("a red bicycle\n")
+    (start / "sscd.pt").write_bytes(b"")
+    monkeypatch.chdir(start)
+    given = dict(model="models/sd", prompt_set="captions.txt", images_dir="refs", sscd_path="sscd.pt",
+                 stats_prompts="tiny")
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out="run", seeds=(0,), stages=["generate"], **given)
+    monkeypatch.chdir(elsewhere)  # a folder with a model of the same relative name, which must not be taken
+    args = load_run_file(start / "run")
+    assert {k: args[k] for k in given} == dict(
+        model=str(start / "models" / "sd"), prompt_set=str(start / "captions.txt"), images_dir=str(start / "refs"),
+        sscd_path=str(start / "sscd.pt"), stats_prompts="tiny")  # a registered name stays a name
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(**args)  # `dori run DIR` from elsewhere
+    assert loaded == [str(start / "models" / "sd")] * 2
+    with pytest.raises(KeyboardInterrupt):  # names, hub ids and missing paths are kept as written
+        demo.run_demo(out="run2", seeds=(0,), stages=["generate"], model="org/not-here", images_dir="nowhere")
+    recorded = json.loads((elsewhere / "run2" / "run.json").read_text())
+    assert (recorded["model"], recorded["images_dir"], recorded["prompt_set"]) == ("org/not-here", "nowhere", "tiny")
+    with pytest.raises(KeyboardInterrupt):  # "tiny" is the shipped model even beside a folder named tiny
+        demo.run_demo(out="run3", seeds=(0,), stages=["generate"])
+    assert loaded[-1] == "tiny"
+
+
 def test_a_recorded_file_must_hold_every_argument(tmp_path):
     f = tmp_path / "results.json"
     f.write_text(json.dumps({"manifest": {"config": {"model": "tiny", "seeds": [0]}}}))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dori.analyses.distributed import Shard, stored_only
 from dori.analyses.mitigate import attack_targets, require_unique_captions, run_mitigation
-from dori.analyses.runfile import write_run_file
+from dori.analyses.runfile import absolute_path, write_run_file
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
@@ -294,9 +294,15 @@ def run_demo(
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
     each returns every row and table; the first writes results.json, the plots and the report.
     """
+    from dori.registry import PROMPT_SETS
+
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # local paths recorded absolute: `dori run OUT` resumes from any directory, with the same item keys
+    model, images_dir, sscd_path = absolute_path(model, ("tiny",)), absolute_path(images_dir), absolute_path(sscd_path)
+    prompt_set, stats_prompts = (absolute_path(p, PROMPT_SETS) for p in (prompt_set, stats_prompts))
+    masks = masks and {name: absolute_path(path) for name, path in masks.items()}
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, device=device, stages=list(stages), stats_prompts=stats_prompts,

@@ -9,8 +9,9 @@
 - a ``results.json``: the recorded config, with the resolved attack and sampling settings pinned, so the
   run is repeated as it ran even if the model's defaults changed since.
 A recorded file must hold every argument (no default is filled in, except for arguments added since, with
-the value that repeats the older run). Relative paths are read from the
-current directory, as on the command line. The layout and the rules are in docs/results.md (run files).
+the value that repeats the older run). Relative paths are read from the current directory, as on the
+command line; a run records the ones that exist as absolute paths (:func:`absolute_path`), so ``dori run
+DIR`` resumes it from any directory. The layout and the rules are in docs/results.md (run files).
 """
 
 from __future__ import annotations
@@ -161,6 +162,20 @@ def check_run_arguments(args: dict, source: str | Path = "run file") -> dict:
     if bad:
         raise DoriError(f"{source}: method_params has tables for {bad}; the methods are nemo and wanda")
     return args
+
+
+def absolute_path(value, names=()):
+    """``value`` made absolute if it names an existing file or folder and is not one of ``names``.
+
+    A run passes each of its path arguments through this before it records them: ``run.json`` then resumes
+    the run from any directory, and the keys of its finished items (which hold the model's name and the
+    reference images' paths) do not depend on the directory it was started in. Names (``"tiny"``, a
+    registered prompt set) and hub ids are kept as written, as is a path that does not exist (its own error
+    comes later, naming it as given).
+    """
+    if value is None or str(value) in names or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 def write_run_file(out: Path, args: dict) -> None:
