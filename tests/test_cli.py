@@ -28,7 +28,8 @@ def test_help_and_the_command_line_load_without_torch(tmp_path):
     assert r.stdout.strip().endswith("heavy: []"), r.stdout[-300:]
     for args, message in ((["attack", "--mitigation", "foo"], "--mitigation takes nemo, wanda or none"),
                           (["demo", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
-                          (["mitigate", "--method", "wanda", "--param", "sparsity=0.1"], "METHOD.KEY=VALUE")):
+                          (["mitigate", "--method", "wanda", "--param", "sparsity=0.1"], "METHOD.KEY=VALUE"),
+                          (["import-nemo", "x.csv", "--neurons", "final"], "--neurons must be refined or initial")):
         r = dori(*args, "--out", str(tmp_path / "o"))
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert r.stdout.strip().endswith("heavy: []"), (args, r.stdout[-300:])
@@ -152,3 +153,19 @@ def test_run_file_errors_are_one_line(tmp_path, dori_cli):
     f.write_text('out = "o"\nseed = [0]\n')
     r = dori_cli("run", str(f))
     assert r.returncode == 2 and "unknown key(s) ['seed']" in r.stderr and "seeds" in r.stderr
+
+
+def test_import_nemo_writes_the_masks_and_says_how_to_attack_them(tmp_path, dori_cli):
+    from dori.analyses.mitigate import attack_targets
+    from dori.data.prompts import load_prompt_set
+
+    caption = attack_targets(load_prompt_set("tiny"), 1)[0].caption
+    (tmp_path / "stats.csv").write_text("Caption;URL;Initial Neurons;Initial SSIM;Refined Neurons;Refined SSIM\n"
+                                        f"{caption};u;[[1, 2], [], [], [3]];0.3;[[2], [], [], [3]];0.2\n")
+    r = dori_cli("import-nemo", str(tmp_path / "stats.csv"), "--out", str(tmp_path / "ref"))
+    assert r.returncode == 0, r.stderr
+    assert "wrote 1 refined NeMo masks" in r.stdout and "(0 empty" in r.stdout and "2 neurons in all" in r.stdout
+    assert f"--masks nemo-ref={tmp_path / 'ref'}" in r.stdout and len(list((tmp_path / "ref").glob("*.json"))) == 1
+    r = dori_cli("import-nemo", str(tmp_path / "stats.csv"), "--out", str(tmp_path / "r2"), "--model", "tiny",
+                 "--neurons", "initial")
+    assert r.returncode == 0 and "3 neurons in all" in r.stdout, r.stderr

@@ -64,3 +64,18 @@ def test_tiny_model_groups(tiny_pipe):
 def test_unknown_group_suggests():
     with pytest.raises(DoriError, match="Did you mean 'nemo-value'"):
         resolve_layers(sd14_unet(), "nemo-valu")
+
+
+def test_nemo_reference_neuron_lists_map_onto_sd_layers_1_to_7(tmp_path):
+    """NeMo's reference code hooks down_blocks[b].attentions[a] (list b * 2 + a), then the mid block: the 7
+    lists of its CSV are nemo-value's layers 1-7 in order."""
+    from types import SimpleNamespace
+
+    from dori.mitigations.nemo import read_reference_masks
+
+    lists = [[i, i + 10] for i in range(7)]
+    (tmp_path / "stats.csv").write_text(f"Caption;URL;Initial Neurons;Initial SSIM;Refined Neurons;Refined SSIM\n"
+                                        f"a photo;u;{lists};0.3;{lists[::-1]};0.2\n")
+    masks = read_reference_masks(tmp_path / "stats.csv", SimpleNamespace(unet=sd14_unet()))
+    got = {n: v.tolist() for n, v in masks["a photo"].layers.items()}
+    assert got == dict(zip(NEMO_LAYERS, lists[::-1], strict=True))  # the refined column, in the reference's order

@@ -157,3 +157,81 @@ def test_a_target_listed_twice_is_refused_before_anything_runs(monkeypatch, tmp_
     with pytest.raises(DoriError, match=re.escape(f"lists 1 caption(s) to mitigate or attack more than once, e.g. "
                                                   f"{target.caption[:60]!r}")):
         demo.run_demo(out=tmp_path / "o", stages=["generate", "wanda"], **SMALL)
+
+
+def _nemo_csv(path, rows):
+    """The CSV NeMo's reference 3_detect_memorized_neurons.py writes: ';'-separated, lists as Python prints them."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter=";")
+        w.writerow(["Caption", "URL", "Initial Neurons", "Initial SSIM", "Refined Neurons", "Refined SSIM"])
+        for caption, initial, refined in rows:
+            w.writerow([caption, "http://x", str(initial), 0.3, str(refined), 0.2])
+    return path
+
+
+def test_neurons_found_by_nemos_reference_code_become_masks_the_benchmark_attacks(tiny_pipe, tmp_path):
+    import torch
+
+    from dori.mitigations.masks import apply_mask
+    from dori.mitigations.nemo import import_reference_masks, read_reference_masks
+
+    layers = resolve_layers(tiny_pipe.unet, "nemo-value")  # 4 on the tiny model
+    found, skipped = [r.caption for r in attack_targets(load_prompt_set("tiny"), 2)]
+    csv = _nemo_csv(tmp_path / "stats.csv", [(found, [[1, 3, 5], [], [2], [7]], [[3, 1, 3], [], [], [7]]),
+                                             (skipped, [[]] * 4, [[]] * 4)])  # a prompt NeMo found not memorized
+    masks = import_reference_masks(csv, tiny_pipe, tmp_path / "ref")
+    assert {n: v.tolist() for n, v in masks[found].layers.items()} == {
+        layers[0].name: [1, 3], layers[1].name: [], layers[2].name: [], layers[3].name: [7]}
+    assert len(masks[skipped]) == 0 and masks[skipped].meta["skipped"] and not masks[found].meta["skipped"]
+    initial = read_reference_masks(csv, tiny_pipe, neurons="initial")[found]
+    assert initial.counts() == {layers[0].name: 3, layers[1].name: 0, layers[2].name: 1, layers[3].name: 1}
+
+    saved = SavedMasks("nemo-ref", tmp_path / "ref")  # what `dori attack --masks nemo-ref=DIR` reads
+    saved.require([found, skipped])
+    saved.check(tiny_pipe, [found, skipped])
+    mask = saved.localize(tiny_pipe, found)
+    assert mask.digest() == masks[found].digest() and mask.kind == "neuron"
+    x = torch.randn(1, 5, layers[0].module.in_features)
+    with apply_mask(tiny_pipe, mask):
+        y = layers[0].module(x)
+    assert (y[..., [1, 3]] == 0).all() and (y[..., [0, 2, 4]] != 0).all()
+
+    assert import_reference_masks(csv, tiny_pipe, tmp_path / "ref").keys() == masks.keys()  # repeated: same files
+    other = _nemo_csv(tmp_path / "other.csv", [("another caption", [[1]] * 4, [[1]] * 4)])
+    with pytest.raises(DoriError, match="already holds other masks"):
+        import_reference_masks(other, tiny_pipe, tmp_path / "ref")
+
+
+@pytest.mark.parametrize("refined, message", [
+    ([[1]] * 7, "7 layer lists, but this model's nemo-value group has 4 layers"),
+    ([[1], [], [], [10_000]], "neuron 10000 is out of range for"),
+    ([[1], ["a"], [], []], "must be a list of lists of neuron indices"),
+    ([[True], [], [], []], "must be a list of lists of neuron indices"),
+    ([[-1], [], [], []], "must be a list of lists of neuron indices"),
+    ("tensor([1])", "must be a list of lists of neuron indices, got 'tensor([1])'"),
+])
+def test_a_nemo_reference_csv_that_does_not_fit_is_refused_naming_its_line(tiny_pipe, tmp_path, refined, message):
+    from dori.mitigations.nemo import import_reference_masks
+
+    csv = _nemo_csv(tmp_path / "stats.csv", [("a caption", [[]] * 4, [[]] * 4), ("b caption", [[]] * 4, refined)])
+    with pytest.raises(DoriError, match=re.escape(message)) as e:
+        import_reference_masks(csv, tiny_pipe, tmp_path / "ref")
+    assert "line 3" in str(e.value) and not (tmp_path / "ref").exists()  # nothing written
+
+
+def test_a_nemo_reference_csv_with_the_wrong_columns_or_rows_is_refused(tiny_pipe, tmp_path):
+    from dori.mitigations.nemo import read_reference_masks
+
+    f = tmp_path / "prompts.csv"
+    f.write_text("Caption;URL;type;Index\na;u;VM;0\n")  # NeMo's prompt file, not its results
+    with pytest.raises(DoriError, match=re.escape("lacks the column(s) ['Refined Neurons']")):
+        read_reference_masks(f, tiny_pipe)
+    twice = _nemo_csv(tmp_path / "twice.csv", [("a", [[]] * 4, [[1]] * 4), ("a", [[]] * 4, [[2]] * 4)])
+    with pytest.raises(DoriError, match="line 3: the caption 'a' has two rows"):
+        read_reference_masks(twice, tiny_pipe)
+    with pytest.raises(DoriError, match="neurons must be one of refined, initial"):
+        read_reference_masks(twice, tiny_pipe, neurons="final")
+    with pytest.raises(DoriError, match="not found"):
+        read_reference_masks(tmp_path / "missing.csv", tiny_pipe)

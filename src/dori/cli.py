@@ -288,6 +288,28 @@ def mitigate(
          budgets="0", pairs=8, param=param, per_prompt_fidelity=True, targets=0, fidelity_per_kind=0)
 
 
+@app.command("import-nemo")
+def import_nemo(
+    path: Path = typer.Argument(..., help="the CSV of NeMo's reference code (3_detect_memorized_neurons.py)"),
+    out: Path = typer.Option(..., help="folder to write the per-caption masks to"),
+    model: str = typer.Option("tiny", help="the model the neurons were found on (its layers check the lists)"),
+    neurons: str = typer.Option("refined", help="refined (the masks NeMo deploys) or initial"),
+):
+    """Turn the neurons found by NeMo's reference code into dori masks, one per caption, so that the bypass
+    benchmark attacks exactly those: `dori attack --masks NAME=OUT`."""
+    if neurons not in ("refined", "initial"):  # before the imports and the model (the columns of REFERENCE_COLUMNS)
+        raise DoriError(f"--neurons must be refined or initial, got {neurons!r}")
+    from dori.mitigations.nemo import import_reference_masks
+    from dori.models.loading import load_pipeline
+
+    masks = import_reference_masks(path, load_pipeline(model), out, neurons)
+    skipped = sum(m.meta["skipped"] for m in masks.values())
+    say = Console(soft_wrap=True, highlight=False).print  # a command to copy: never wrapped
+    say(f"wrote {len(masks)} {neurons} NeMo masks to {out} ({skipped} empty: prompts NeMo skipped as not "
+        f"memorized); {sum(map(len, masks.values()))} neurons in all")
+    say(f"attack them: dori attack --model {model} --prompts PROMPTS --masks nemo-ref={out}")
+
+
 @app.command("ls")
 def ls():
     """List registered models, metrics and prompt sets."""

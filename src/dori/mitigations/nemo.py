@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dori.errors import DoriError
 from dori.mitigations.masks import Mask, per_sample_neuron_masks
 from dori.models.generate import encode_prompts, generate, initial_noise
 from dori.models.layers import resolve_layers
@@ -387,3 +388,83 @@ def calibrate_nemo_threshold(pipe, non_memorized: Sequence[str], seeds: Sequence
     vals = max_pairwise_ssim(pipe, list(non_memorized), seeds)
     return {"n_prompts": len(vals), "max": float(vals.max()), "p99": float(vals.quantile(0.99)),
             "mean": float(vals.mean()), "threshold": round(float(vals.max()) + margin, 3)}
+
+
+# ---- masks found by NeMo's reference code --------------------------------------------------------
+REFERENCE_COLUMNS = {"refined": "Refined Neurons", "initial": "Initial Neurons"}
+
+
+def read_reference_masks(path: str | Path, pipe, neurons: str = "refined") -> dict[str, Mask]:
+    """Neuron masks from the CSV of NeMo's reference code, one per caption, to attack them with DoRI.
+
+    The reference's ``3_detect_memorized_neurons.py`` writes a ``;``-separated CSV with a row per prompt:
+    ``Caption``, ``Initial Neurons``, ``Refined Neurons`` (and SSIMs). A neuron cell is a list per value
+    layer, down blocks then the mid block (on SD v1.4 seven lists: layer ids 1-7 of ``nemo-value``), each
+    list the deactivated output channels of that layer's ``attn2.to_v``, as dori's neuron masks. The lists
+    map in order onto this UNet's ``nemo-value`` group; a CSV made for another architecture is refused.
+    A prompt the reference skipped as not memorized has only empty lists: its mask is empty (NeMo
+    deactivates nothing for it) and its metadata says ``skipped``. Cells are read as JSON, never evaluated.
+
+    Args:
+        neurons: ``"refined"`` (the masks NeMo deploys) or ``"initial"`` (before the refinement).
+    """
+    import csv
+
+    if neurons not in REFERENCE_COLUMNS:
+        raise DoriError(f"neurons must be one of {', '.join(REFERENCE_COLUMNS)}, got {neurons!r}")
+    path, column = Path(path), REFERENCE_COLUMNS[neurons]
+    if not path.is_file():
+        raise DoriError(f"NeMo results file {path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=";")
+        missing = [c for c in ("Caption", column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DoriError(f"{path} is not the CSV of NeMo's 3_detect_memorized_neurons.py: it lacks the "
+                            f"column(s) {missing} (';'-separated; found {reader.fieldnames})")
+        rows = list(reader)
+    layers = resolve_layers(pipe.unet, "nemo-value")
+    masks: dict[str, Mask] = {}
+    for line, row in enumerate(rows, start=2):
+        caption, where = row["Caption"], f"{path}, line {line}"
+        try:
+            lists = json.loads(row[column] or "")
+        except ValueError:
+            lists = None
+        if not isinstance(lists, list) or not all(
+                isinstance(x, list) and all(type(i) is int and i >= 0 for i in x) for x in lists):
+            raise DoriError(f"{where}: {column} must be a list of lists of neuron indices, "
+                            f"got {str(row[column])[:80]!r}")
+        if len(lists) != len(layers):
+            raise DoriError(f"{where}: {len(lists)} layer lists, but this model's nemo-value group has "
+                            f"{len(layers)} layers ({layers[0].name}, ...): were the neurons found on another "
+                            "model? (SD v1.x and 2.x have 7)")
+        for ref, idx in zip(layers, lists, strict=True):
+            if idx and max(idx) >= ref.module.out_features:
+                raise DoriError(f"{where}: neuron {max(idx)} is out of range for {ref.name} "
+                                f"({ref.module.out_features} neurons): were the neurons found on another model?")
+        if caption in masks:
+            raise DoriError(f"{where}: the caption {caption[:60]!r} has two rows: keep one")
+        masks[caption] = Mask("neuron", {ref.name: idx for ref, idx in zip(layers, lists, strict=True)},
+                              dict(method="nemo-reference", prompt=caption, neurons=neurons, source=str(path),
+                                   model=getattr(pipe, "dori_name", None), skipped=not any(lists)))
+    if not masks:
+        raise DoriError(f"{path} holds no rows")
+    return masks
+
+
+def import_reference_masks(path: str | Path, pipe, out: str | Path, neurons: str = "refined") -> dict[str, Mask]:
+    """:func:`read_reference_masks`, saved as a folder of per-caption masks (``out/<caption-slug>``) that
+    ``dori attack --masks NAME=OUT`` attacks. Every row is checked before anything is written; ``out`` may
+    hold only masks of the same names (an import repeated), so no other mask set is mixed in."""
+    from dori.reports.images import slug
+
+    masks = read_reference_masks(path, pipe, neurons)
+    out = Path(out)
+    names = {slug(c) for c in masks}
+    others = sorted(f.name for f in out.glob("*.json") if f.stem not in names) if out.is_dir() else []
+    if others:
+        raise DoriError(f"{out} already holds other masks ({', '.join(others[:3])}, ...): import into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for caption, mask in masks.items():
+        mask.save(out / slug(caption))
+    return masks
