@@ -1,11 +1,12 @@
 import logging
+import os
 import subprocess
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from dori.cli import QUIET_LOGGERS, app, main
+from dori.cli import QUIET_LOGGERS, QUIET_VERBOSITY, app, main
 
 
 def test_ls_lists_registries():
@@ -41,6 +42,8 @@ def dori_cli(monkeypatch, capsys):
     them, without a new interpreter's 6 s of imports each time (the real process: the test below). An
     exception that `main()` lets through fails the test with its traceback."""
     levels = {n: logging.getLogger(n).level for n in QUIET_LOGGERS}  # main() quiets them
+    for var in QUIET_VERBOSITY:  # and sets these if unset: undone after the test
+        monkeypatch.setenv(var, os.environ.get(var, "error"))
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["dori", *args])
@@ -59,12 +62,21 @@ def dori_cli(monkeypatch, capsys):
 
 
 def test_bad_input_is_one_clear_error_and_exit_2(tmp_path, dori_cli):
-    cmd = [sys.executable, "-c", "from dori.cli import main; main()"]  # the real process, once
-    r = subprocess.run([*cmd, "demo", "--out", str(tmp_path / "o"), "--prompts", "tinny"], capture_output=True,
-                       text=True)
+    from dori.mitigations.masks import Mask
+
+    Mask("neuron", {"down_blocks.9.attn2.to_v": [1]}).save(tmp_path / "alien")  # found once the model is loaded
+    code = ("import atexit, logging; atexit.register(lambda: print('levels:', [logging.getLogger(n).level for n "
+            "in ('diffusers', 'transformers')])); from dori.cli import main; main()")  # the real process, once
+    r = subprocess.run([sys.executable, "-c", code, "attack", "--out", str(tmp_path / "o"), "--masks",
+                        f"alien={tmp_path / 'alien.json'}"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k not in QUIET_VERBOSITY})  # as a user's shell
     assert r.returncode == 2
-    assert "error:" in r.stderr and "Did you mean 'tiny'" in r.stderr
+    assert "error:" in r.stderr and "is not a linear layer of this UNet" in r.stderr
     assert "Traceback" not in r.stderr
+    # the libraries' warnings stay quiet, though they are imported after main() quiets them
+    assert r.stdout.strip().endswith(f"levels: {[logging.ERROR] * 2}") and "Expected types" not in r.stderr
+    r = dori_cli("demo", "--out", str(tmp_path / "o"), "--prompts", "tinny")
+    assert r.returncode == 2 and "Did you mean 'tiny'" in r.stderr
     r = dori_cli("demo", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "missing"))
     assert r.returncode == 2 and "not found" in r.stderr
 

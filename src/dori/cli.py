@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -405,12 +406,17 @@ def calibrate_pixel_cmd(
 
 
 QUIET_LOGGERS = ("httpx", "diffusers", "transformers")  # only their errors reach the terminal
+QUIET_VERBOSITY = ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # diffusers and transformers set their own level on first import, which comes after this (the commands
+    # import them lazily): their verbosity variables make it ERROR too; a user's own setting is kept
+    for var in QUIET_VERBOSITY:
+        os.environ.setdefault(var, "error")
     from dori.analyses.distributed import close
 
     try:
