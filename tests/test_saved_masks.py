@@ -231,6 +231,11 @@ def test_a_nemo_reference_csv_with_the_wrong_columns_or_rows_is_refused(tiny_pip
     twice = _nemo_csv(tmp_path / "twice.csv", [("a", [[]] * 4, [[1]] * 4), ("a", [[]] * 4, [[2]] * 4)])
     with pytest.raises(DoriError, match="line 3: the caption 'a' has two rows"):
         read_reference_masks(twice, tiny_pipe)
+    ten = _nemo_csv(tmp_path / "ten.csv", [("a", [[]] * 10, [[]] * 9 + [[5]])])  # all 10 value projections
+    assert read_reference_masks(ten, tiny_pipe, layer_group="value")["a"].counts()[
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v"] == 1  # the last layer in compute order
+    with pytest.raises(DoriError, match="10 layer lists, but this model's nemo-value group has 4 layers"):
+        read_reference_masks(ten, tiny_pipe)
     with pytest.raises(DoriError, match="neurons must be one of refined, initial"):
         read_reference_masks(twice, tiny_pipe, neurons="final")
     with pytest.raises(DoriError, match="not found"):

@@ -295,6 +295,8 @@ def import_nemo(
     out: Path = typer.Option(..., help="folder to write the per-caption masks to"),
     model: str = typer.Option("tiny", help="the model the neurons were found on (its layers check the lists)"),
     neurons: str = typer.Option("refined", help="refined (the masks NeMo deploys) or initial"),
+    layer_group: str = typer.Option("nemo-value", help="the layers the lists are for, in order (nemo-value: the "
+                                                       "reference's; `dori ls` lists the groups)"),
 ):
     """Turn the neurons found by NeMo's reference code into dori masks, one per caption, so that the bypass
     benchmark attacks exactly those: `dori attack --masks NAME=OUT`."""
@@ -303,7 +305,7 @@ def import_nemo(
     from dori.mitigations.nemo import import_reference_masks
     from dori.models.loading import load_pipeline
 
-    masks = import_reference_masks(path, load_pipeline(model), out, neurons)
+    masks = import_reference_masks(path, load_pipeline(model), out, neurons, layer_group)
     skipped = sum(m.meta["skipped"] for m in masks.values())
     say = Console(soft_wrap=True, highlight=False).print  # a command to copy: never wrapped
     say(f"wrote {len(masks)} {neurons} NeMo masks to {out} ({skipped} empty: prompts NeMo skipped as not "

@@ -394,14 +394,16 @@ def calibrate_nemo_threshold(pipe, non_memorized: Sequence[str], seeds: Sequence
 REFERENCE_COLUMNS = {"refined": "Refined Neurons", "initial": "Initial Neurons"}
 
 
-def read_reference_masks(path: str | Path, pipe, neurons: str = "refined") -> dict[str, Mask]:
+def read_reference_masks(path: str | Path, pipe, neurons: str = "refined",
+                         layer_group: str = "nemo-value") -> dict[str, Mask]:
     """Neuron masks from the CSV of NeMo's reference code, one per caption, to attack them with DoRI.
 
     The reference's ``3_detect_memorized_neurons.py`` writes a ``;``-separated CSV with a row per prompt:
     ``Caption``, ``Initial Neurons``, ``Refined Neurons`` (and SSIMs). A neuron cell is a list per value
     layer, down blocks then the mid block (on SD v1.4 seven lists: layer ids 1-7 of ``nemo-value``), each
     list the deactivated output channels of that layer's ``attn2.to_v``, as dori's neuron masks. The lists
-    map in order onto this UNet's ``nemo-value`` group; a CSV made for another architecture is refused.
+    map in order onto this UNet's ``layer_group`` (``nemo-value``, the reference's layers; another group
+    for lists written by a modified search); a CSV made for another architecture is refused.
     A prompt the reference skipped as not memorized has only empty lists: its mask is empty (NeMo
     deactivates nothing for it) and its metadata says ``skipped``. Cells are read as JSON, never evaluated.
 
@@ -422,7 +424,7 @@ def read_reference_masks(path: str | Path, pipe, neurons: str = "refined") -> di
             raise DoriError(f"{path} is not the CSV of NeMo's 3_detect_memorized_neurons.py: it lacks the "
                             f"column(s) {missing} (';'-separated; found {reader.fieldnames})")
         rows = list(reader)
-    layers = resolve_layers(pipe.unet, "nemo-value")
+    layers = resolve_layers(pipe.unet, layer_group)
     masks: dict[str, Mask] = {}
     for line, row in enumerate(rows, start=2):
         caption, where = row["Caption"], f"{path}, line {line}"
@@ -435,9 +437,9 @@ def read_reference_masks(path: str | Path, pipe, neurons: str = "refined") -> di
             raise DoriError(f"{where}: {column} must be a list of lists of neuron indices, "
                             f"got {str(row[column])[:80]!r}")
         if len(lists) != len(layers):
-            raise DoriError(f"{where}: {len(lists)} layer lists, but this model's nemo-value group has "
+            raise DoriError(f"{where}: {len(lists)} layer lists, but this model's {layer_group} group has "
                             f"{len(layers)} layers ({layers[0].name}, ...): were the neurons found on another "
-                            "model? (SD v1.x and 2.x have 7)")
+                            "model, or in another layer group? (nemo-value: 7 on SD v1.x and 2.x)")
         for ref, idx in zip(layers, lists, strict=True):
             if idx and max(idx) >= ref.module.out_features:
                 raise DoriError(f"{where}: neuron {max(idx)} is out of range for {ref.name} "
@@ -445,20 +447,22 @@ def read_reference_masks(path: str | Path, pipe, neurons: str = "refined") -> di
         if caption in masks:
             raise DoriError(f"{where}: the caption {caption[:60]!r} has two rows: keep one")
         masks[caption] = Mask("neuron", {ref.name: idx for ref, idx in zip(layers, lists, strict=True)},
-                              dict(method="nemo-reference", prompt=caption, neurons=neurons, source=str(path),
+                              dict(method="nemo-reference", prompt=caption, neurons=neurons, layer_group=layer_group,
+                                   source=str(path),
                                    model=getattr(pipe, "dori_name", None), skipped=not any(lists)))
     if not masks:
         raise DoriError(f"{path} holds no rows")
     return masks
 
 
-def import_reference_masks(path: str | Path, pipe, out: str | Path, neurons: str = "refined") -> dict[str, Mask]:
+def import_reference_masks(path: str | Path, pipe, out: str | Path, neurons: str = "refined",
+                           layer_group: str = "nemo-value") -> dict[str, Mask]:
     """:func:`read_reference_masks`, saved as a folder of per-caption masks (``out/<caption-slug>``) that
     ``dori attack --masks NAME=OUT`` attacks. Every row is checked before anything is written; ``out`` may
     hold only masks of the same names (an import repeated), so no other mask set is mixed in."""
     from dori.reports.images import slug
 
-    masks = read_reference_masks(path, pipe, neurons)
+    masks = read_reference_masks(path, pipe, neurons, layer_group)
     out = Path(out)
     names = {slug(c) for c in masks}
     others = sorted(f.name for f in out.glob("*.json") if f.stem not in names) if out.is_dir() else []
