@@ -187,3 +187,27 @@ def test_bypass_early_stop_freezes_triggers_that_already_replicate(tiny_pipe, tm
     metas, t, _ = got[False]
     assert metas[rec.caption]["stopped_at"] is None and "early_stop" not in metas[rec.caption]["params"]
     assert not torch.equal(t["budget_4"], t["budget_2"])
+
+
+def test_bypass_triggers_are_keyed_by_their_target_images(tiny_pipe, tmp_path):
+    """A run started again with other reference images (another --images-dir) attacks those, never reusing
+    triggers optimized towards the old ones."""
+    from dataclasses import replace
+
+    from dori.analyses.bypass import run_bypass
+    from dori.analyses.demo import make_attack
+    from dori.metrics.pixel import PixelSSIM
+    from dori.reports.images import save_png
+
+    rec = next(r for r in tiny_prompt_set() if r.memorized and r.reference)
+    save_png(load_reference(rec).flip(-1), tmp_path / "mirrored.png")
+    attack = make_attack(tiny_pipe, {"steps": 2, "pairs": 2})
+    triggers, targets = [], []
+    for r in (rec, replace(rec, reference=str(tmp_path / "mirrored.png")), rec):
+        run_bypass(tiny_pipe, [r], {"none": None}, PixelSSIM(), tmp_path / "run", attack=attack, budgets=[0, 2],
+                   seeds=[0], random_baseline=False)
+        base = tmp_path / "run" / "triggers" / "none" / slug(rec.caption)
+        targets.append(json.loads(base.with_suffix(".json").read_text())["params"]["targets"])
+        triggers.append(load_file(str(base.with_suffix(".safetensors")))["budget_2"])
+    assert len(targets[1]) == 1 and targets[0] != targets[1] and not torch.equal(triggers[0], triggers[1])
+    assert targets[2] == targets[0] and torch.equal(triggers[2], triggers[0])  # back to the first: the same steps

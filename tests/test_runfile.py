@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import pytest
@@ -83,8 +84,9 @@ def test_run_json_is_written_before_the_run_and_resumes_it(tmp_path, monkeypatch
 
 
 
-def test_a_run_records_its_local_paths_absolute_and_resumes_from_another_directory(tmp_path, monkeypatch):
+def test_a_run_records_its_local_paths_absolute_and_resumes_from_another_directory(tmp_path, monkeypatch, caplog):
     import dori.analyses.demo as demo
+    from dori.mitigations.masks import Mask
 
     loaded = []
 
@@ -97,24 +99,33 @@ def test_a_run_records_its_local_paths_absolute_and_resumes_from_another_directo
     for d in (start / "models" / "sd", start / "refs", elsewhere / "models" / "sd", elsewhere / "tiny"):
         d.mkdir(parents=True)
     (start / "captions.txt").write_text("a red bicycle\n")
+    (start / "link.txt").symlink_to(start / "captions.txt")  # e.g. a hub cache's file: a link to a nameless blob
     (start / "sscd.pt").write_bytes(b"")
+    Mask("neuron", {"x": [1]}, {"prompt": "a red bicycle"}).save(start / "mine")  # named without its suffix
     monkeypatch.chdir(start)
-    given = dict(model="models/sd", prompt_set="captions.txt", images_dir="refs", sscd_path="sscd.pt",
-                 stats_prompts="tiny")
+    given = dict(model="models/sd", prompt_set="link.txt", images_dir="refs", sscd_path="sscd.pt",
+                 stats_prompts="tiny", masks={"mine": "mine"})
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(out="run", seeds=(0,), stages=["generate"], **given)
     monkeypatch.chdir(elsewhere)  # a folder with a model of the same relative name, which must not be taken
     args = load_run_file(start / "run")
     assert {k: args[k] for k in given} == dict(
-        model=str(start / "models" / "sd"), prompt_set=str(start / "captions.txt"), images_dir=str(start / "refs"),
-        sscd_path=str(start / "sscd.pt"), stats_prompts="tiny")  # a registered name stays a name
+        model=str(start / "models" / "sd"), prompt_set=str(start / "link.txt"), images_dir=str(start / "refs"),
+        sscd_path=str(start / "sscd.pt"), stats_prompts="tiny",  # a registered name stays a name
+        masks={"mine": str(start / "mine")})  # the link is kept: its name is what the reader goes by
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(**args)  # `dori run DIR` from elsewhere
     assert loaded == [str(start / "models" / "sd")] * 2
-    with pytest.raises(KeyboardInterrupt):  # names, hub ids and missing paths are kept as written
-        demo.run_demo(out="run2", seeds=(0,), stages=["generate"], model="org/not-here", images_dir="nowhere")
+    with pytest.raises(KeyboardInterrupt):  # names, hub ids, missing paths and "" are kept as written
+        demo.run_demo(out="run2", seeds=(0,), stages=["generate"], model="org/not-here", images_dir="nowhere",
+                      sscd_path="")
     recorded = json.loads((elsewhere / "run2" / "run.json").read_text())
-    assert (recorded["model"], recorded["images_dir"], recorded["prompt_set"]) == ("org/not-here", "nowhere", "tiny")
+    assert [recorded[k] for k in ("model", "images_dir", "prompt_set", "sscd_path")] == ["org/not-here", "nowhere",
+                                                                                          "tiny", ""]
+    (elsewhere / "org" / "not-here").mkdir(parents=True)  # a folder now takes the hub id's name: said on resume
+    with caplog.at_level(logging.WARNING, logger="dori.analyses.runfile"):
+        assert load_run_file(elsewhere / "run2")["model"] == "org/not-here"
+    assert "names the model 'org/not-here' as written" in caplog.text and str(elsewhere / "org") in caplog.text
     with pytest.raises(KeyboardInterrupt):  # "tiny" is the shipped model even beside a folder named tiny
         demo.run_demo(out="run3", seeds=(0,), stages=["generate"])
     assert loaded[-1] == "tiny"

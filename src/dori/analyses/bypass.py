@@ -47,7 +47,7 @@ from dori.mitigations.masks import Mask, apply_mask
 from dori.models.generate import generate
 from dori.models.loading import model_id
 from dori.reports.images import slug
-from dori.reports.results import ItemStore, write_json, write_safetensors
+from dori.reports.results import ItemStore, tensor_digest, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,11 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     ``process``: the process of the run that computes them, recorded with them.
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
+    images = torch.stack([load_reference(r) for r in recs])
+    # the target images' pixels are in the key: a run started again with other reference images attacks them
     key = {"attack": attack.params(), "budgets": list(budgets), "seed": seed, "group": [r.caption for r in recs],
-           "model": model_id(pipe), "mask": mask.digest() if mask is not None else None}
+           "model": model_id(pipe), "mask": mask.digest() if mask is not None else None,
+           "targets": [tensor_digest(image) for image in images]}
     if early is not None:  # only then: the triggers of runs without early stop keep their keys
         key["early_stop"] = early[1]
     params = json.loads(json.dumps(key))  # as read back
@@ -104,7 +107,6 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
     stored_only(f"triggers (setting {setting!r}) of {[r.caption[:40] for r in recs]}")
-    images = torch.stack([load_reference(r) for r in recs])
     res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
                         check=early[0](images) if early is not None else None)
     loss = torch.tensor(res.loss) if res.loss else torch.zeros(1, len(res.target_index))

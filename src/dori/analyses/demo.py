@@ -16,7 +16,7 @@ from dori.analyses.runfile import absolute_path, write_run_file
 from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
-from dori.mitigations.masks import SavedMasks
+from dori.mitigations.masks import SavedMasks, mask_files
 from dori.models.layers import resolve_layers
 from dori.models.loading import load_pipeline, model_id
 from dori.reports.html import render_report
@@ -294,15 +294,16 @@ def run_demo(
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
     each returns every row and table; the first writes results.json, the plots and the report.
     """
-    from dori.registry import PROMPT_SETS
+    from dori.registry import MODELS, PROMPT_SETS
 
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # local paths recorded absolute: `dori run OUT` resumes from any directory, with the same item keys
-    model, images_dir, sscd_path = absolute_path(model, ("tiny",)), absolute_path(images_dir), absolute_path(sscd_path)
+    model, images_dir, sscd_path = absolute_path(model, MODELS), absolute_path(images_dir), absolute_path(sscd_path)
     prompt_set, stats_prompts = (absolute_path(p, PROMPT_SETS) for p in (prompt_set, stats_prompts))
-    masks = masks and {name: absolute_path(path) for name, path in masks.items()}
+    masks = masks and {name: absolute_path(path, exists=lambda p: p.exists() or mask_files(p)[1].is_file())
+                       for name, path in masks.items()}  # a mask may be named without its suffix
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, device=device, stages=list(stages), stats_prompts=stats_prompts,

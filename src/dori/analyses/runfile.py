@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
+import os
 import sys
 import types
 import typing
@@ -25,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dori.errors import DoriError
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # the paper's attack budgets (DoRI steps) of the MR-vs-steps curve; kept here, not in bypass.py, so that the
@@ -124,6 +128,7 @@ def load_run_file(path: str | Path, out: str | Path | None = None) -> dict:
         data.pop(key, None)
     if recorded:  # every argument, or one added later with the value that repeats older runs
         data = {**_ADDED_LATER, **data}
+        _warn_if_a_folder_takes_the_name(data.get("model"), path)
         missing = sorted(set(_run_hints()) - set(data) - {"out"})
         if missing:
             raise DoriError(f"{path} was written by an older dori and lacks {', '.join(missing)}: write a run "
@@ -133,6 +138,19 @@ def load_run_file(path: str | Path, out: str | Path | None = None) -> dict:
     if out or recorded:
         data["out"] = str(out or path.parent)
     return check_run_arguments(data, path)
+
+
+def _warn_if_a_folder_takes_the_name(model, path: Path) -> None:
+    """A recorded model that is not an absolute path was a hub id (or a path an older dori kept as given):
+    a folder of that name in this directory is what a resumed run would load, so say so."""
+    from dori.registry import MODELS
+
+    if not isinstance(model, str) or model in MODELS or Path(model).expanduser().is_absolute():
+        return
+    if Path(model).expanduser().exists():
+        log.warning("%s names the model %r as written (a hub id, or a path recorded by an older dori); the "
+                    "folder %s here is loaded. If the run used the hub's model, resume from another directory.",
+                    path, model, os.path.abspath(Path(model).expanduser()))
 
 
 def check_run_arguments(args: dict, source: str | Path = "run file") -> dict:
@@ -164,18 +182,23 @@ def check_run_arguments(args: dict, source: str | Path = "run file") -> dict:
     return args
 
 
-def absolute_path(value, names=()):
+def absolute_path(value, names=(), exists=None):
     """``value`` made absolute if it names an existing file or folder and is not one of ``names``.
 
     A run passes each of its path arguments through this before it records them: ``run.json`` then resumes
     the run from any directory, and the keys of its finished items (which hold the model's name and the
     reference images' paths) do not depend on the directory it was started in. Names (``"tiny"``, a
-    registered prompt set) and hub ids are kept as written, as is a path that does not exist (its own error
-    comes later, naming it as given).
+    registered prompt set), hub ids, an empty value and a path that does not exist are kept as written (the
+    latter's own error comes later, naming it as given). Symbolic links are kept, not resolved: a file's
+    name and folder are what its readers go by (a hub cache's files are links to nameless blobs).
+    ``exists``: how to tell that ``value`` names something on disk (default: the path exists).
     """
-    if value is None or str(value) in names or not Path(value).expanduser().exists():
+    if not value or str(value) in names:
         return value
-    return str(Path(value).expanduser().resolve())
+    path = Path(value).expanduser()
+    if not (exists(path) if exists else path.exists()):
+        return value
+    return os.path.abspath(path)
 
 
 def write_run_file(out: Path, args: dict) -> None:
