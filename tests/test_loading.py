@@ -58,7 +58,9 @@ def test_loading_the_tiny_model_does_not_warn_about_its_pixel_vae():
     root.addHandler(handler)
     try:
         load_pipeline("tiny")
-        logging.getLogger("diffusers.pipelines.pipeline_utils").warning("Expected types for unet: another")
+        utils = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        utils.warning("Expected types for vae: (AutoencoderKL,), got <class 'dori.models.pixel_vae.PixelIdentityVAE'>.")
+        utils.warning("Expected types for unet: another")
     finally:
         root.removeHandler(handler)
         root.setLevel(level)

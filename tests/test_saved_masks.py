@@ -11,6 +11,7 @@ from dori.data.prompts import load_prompt_set
 from dori.errors import DoriError
 from dori.mitigations.masks import Mask, SavedMasks
 from dori.models.layers import resolve_layers
+from dori.reports.images import slug
 
 
 def _save_masks(pipe, folder, captions):
@@ -202,6 +203,13 @@ def test_neurons_found_by_nemos_reference_code_become_masks_the_benchmark_attack
     other = _nemo_csv(tmp_path / "other.csv", [("another caption", [[1]] * 4, [[1]] * 4)])
     with pytest.raises(DoriError, match="already holds other masks"):
         import_reference_masks(other, tiny_pipe, tmp_path / "ref")
+    own = tmp_path / "run" / "masks" / "nemo"  # dori's own NeMo masks of the same captions are never overwritten
+    Mask("neuron", {layers[0].name: [9]}, {"prompt": found, "method": "nemo"}).save(own / slug(found))
+    with pytest.raises(DoriError, match="already holds other masks"):
+        import_reference_masks(csv, tiny_pipe, own)
+    assert Mask.load(own / slug(found)).layers[layers[0].name].tolist() == [9]
+    refined_empty = _nemo_csv(tmp_path / "emptied.csv", [(found, [[1]] * 4, [[]] * 4)])  # emptied by the refinement
+    assert not read_reference_masks(refined_empty, tiny_pipe)[found].meta["skipped"]
 
 
 @pytest.mark.parametrize("refined, message", [
@@ -222,7 +230,7 @@ def test_a_nemo_reference_csv_that_does_not_fit_is_refused_naming_its_line(tiny_
 
 
 def test_a_nemo_reference_csv_with_the_wrong_columns_or_rows_is_refused(tiny_pipe, tmp_path):
-    from dori.mitigations.nemo import read_reference_masks
+    from dori.mitigations.nemo import import_reference_masks, read_reference_masks
 
     f = tmp_path / "prompts.csv"
     f.write_text("Caption;URL;type;Index\na;u;VM;0\n")  # NeMo's prompt file, not its results
@@ -240,3 +248,29 @@ def test_a_nemo_reference_csv_with_the_wrong_columns_or_rows_is_refused(tiny_pip
         read_reference_masks(twice, tiny_pipe, neurons="final")
     with pytest.raises(DoriError, match="not found"):
         read_reference_masks(tmp_path / "missing.csv", tiny_pipe)
+    with pytest.raises(DoriError, match="not found .it is a folder"):
+        read_reference_masks(tmp_path, tiny_pipe)
+    header = tmp_path / "header.csv"
+    header.write_text("Caption;URL;Initial Neurons;Initial SSIM;Refined Neurons;Refined SSIM\n")
+    with pytest.raises(DoriError, match="holds no rows"):
+        read_reference_masks(header, tiny_pipe)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DoriError, match="is a file: give a folder"):
+        import_reference_masks(twice.with_name("ten.csv"), tiny_pipe, tmp_path / "file")
+
+
+def test_a_nemo_reference_csv_is_read_as_the_reference_and_spreadsheets_write_it(tiny_pipe, tmp_path, monkeypatch):
+    import dori.reports.images
+    from dori.mitigations.nemo import import_reference_masks, read_reference_masks
+
+    f = tmp_path / "stats.csv"  # a byte-order mark (a spreadsheet's save) and a caption over two lines
+    f.write_text("\ufeffCaption;Refined Neurons\n\"two\nlines\";[[1], [], [], []]\nb;[[1], [], [], []]\n"
+                 "c;[[1], [], [], [99999]]\n", encoding="utf-8")
+    with pytest.raises(DoriError, match="line 5: neuron 99999"):  # the file's line, not the row's number
+        read_reference_masks(f, tiny_pipe)
+    f.write_text(f.read_text().replace("99999", "2"))
+    assert list(read_reference_masks(f, tiny_pipe)) == ["two\nlines", "b", "c"]
+    monkeypatch.setattr(dori.reports.images, "slug", lambda caption: "same")  # two captions, one file name
+    with pytest.raises(DoriError, match="line 4: the captions 'two.nlines' and 'b' map to one mask file name"):
+        import_reference_masks(f, tiny_pipe, tmp_path / "ref")
+    assert not (tmp_path / "ref").exists()

@@ -302,15 +302,17 @@ def import_nemo(
     benchmark attacks exactly those: `dori attack --masks NAME=OUT`."""
     if neurons not in ("refined", "initial"):  # before the imports and the model (the columns of REFERENCE_COLUMNS)
         raise DoriError(f"--neurons must be refined or initial, got {neurons!r}")
-    from dori.mitigations.nemo import import_reference_masks
-    from dori.models.loading import load_pipeline
+    import shlex
 
-    masks = import_reference_masks(path, load_pipeline(model), out, neurons, layer_group)
-    skipped = sum(m.meta["skipped"] for m in masks.values())
-    say = Console(soft_wrap=True, highlight=False).print  # a command to copy: never wrapped
-    say(f"wrote {len(masks)} {neurons} NeMo masks to {out} ({skipped} empty: prompts NeMo skipped as not "
-        f"memorized); {sum(map(len, masks.values()))} neurons in all")
-    say(f"attack them: dori attack --model {model} --prompts PROMPTS --masks nemo-ref={out}")
+    from dori.mitigations.nemo import import_reference_masks
+
+    masks = import_reference_masks(path, model, out, neurons, layer_group)
+    empty = [m for m in masks.values() if not len(m)]
+    say = Console(soft_wrap=True, highlight=False, markup=False).print  # a command to copy: never wrapped
+    say(f"wrote {len(masks)} {neurons} NeMo masks to {out}, {sum(map(len, masks.values()))} neurons in all; "
+        f"{len(empty)} empty ({sum(m.meta['skipped'] for m in empty)} of them prompts NeMo skipped as not memorized)")
+    say(f"attack them: dori attack --model {shlex.quote(model)} --prompts PROMPTS --masks "
+        f"{shlex.quote(f'nemo-ref={out}')}")
 
 
 @app.command("ls")

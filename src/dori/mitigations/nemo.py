@@ -394,48 +394,58 @@ def calibrate_nemo_threshold(pipe, non_memorized: Sequence[str], seeds: Sequence
 REFERENCE_COLUMNS = {"refined": "Refined Neurons", "initial": "Initial Neurons"}
 
 
-def read_reference_masks(path: str | Path, pipe, neurons: str = "refined",
-                         layer_group: str = "nemo-value") -> dict[str, Mask]:
-    """Neuron masks from the CSV of NeMo's reference code, one per caption, to attack them with DoRI.
+def _neuron_lists(cell: str | None) -> list[list[int]] | None:
+    """A neuron cell of the reference's CSV (a list of lists of indices, as Python prints it), read as JSON."""
+    try:
+        lists = json.loads(cell or "")
+    except ValueError:
+        return None
+    ok = isinstance(lists, list) and all(isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+                                         for x in lists)
+    return lists if ok else None
 
-    The reference's ``3_detect_memorized_neurons.py`` writes a ``;``-separated CSV with a row per prompt:
-    ``Caption``, ``Initial Neurons``, ``Refined Neurons`` (and SSIMs). A neuron cell is a list per value
-    layer, down blocks then the mid block (on SD v1.4 seven lists: layer ids 1-7 of ``nemo-value``), each
-    list the deactivated output channels of that layer's ``attn2.to_v``, as dori's neuron masks. The lists
-    map in order onto this UNet's ``layer_group`` (``nemo-value``, the reference's layers; another group
-    for lists written by a modified search); a CSV made for another architecture is refused.
-    A prompt the reference skipped as not memorized has only empty lists: its mask is empty (NeMo
-    deactivates nothing for it) and its metadata says ``skipped``. Cells are read as JSON, never evaluated.
 
-    Args:
-        neurons: ``"refined"`` (the masks NeMo deploys) or ``"initial"`` (before the refinement).
-    """
+def read_reference_rows(path: str | Path, neurons: str = "refined") -> list[dict]:
+    """The rows of the reference's results CSV (see :func:`read_reference_masks`), checked for their shape:
+    ``caption``, ``lists`` (one per layer), ``skipped`` and ``where`` (file and line, for messages)."""
     import csv
 
     if neurons not in REFERENCE_COLUMNS:
         raise DoriError(f"neurons must be one of {', '.join(REFERENCE_COLUMNS)}, got {neurons!r}")
     path, column = Path(path), REFERENCE_COLUMNS[neurons]
+    other = next(c for c in REFERENCE_COLUMNS.values() if c != column)
     if not path.is_file():
-        raise DoriError(f"NeMo results file {path} not found")
-    with open(path, newline="", encoding="utf-8") as f:
+        raise DoriError(f"NeMo results file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    rows, seen = [], {}
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a file saved by a spreadsheet starts with a BOM
         reader = csv.DictReader(f, delimiter=";")
         missing = [c for c in ("Caption", column) if c not in (reader.fieldnames or [])]
         if missing:
             raise DoriError(f"{path} is not the CSV of NeMo's 3_detect_memorized_neurons.py: it lacks the "
                             f"column(s) {missing} (';'-separated; found {reader.fieldnames})")
-        rows = list(reader)
+        for row in reader:
+            caption, where = row["Caption"], f"{path}, line {reader.line_num}"
+            lists = _neuron_lists(row[column])
+            if lists is None:
+                raise DoriError(f"{where}: {column} must be a list of lists of neuron indices, "
+                                f"got {str(row[column])[:80]!r}")
+            if caption in seen:
+                raise DoriError(f"{where}: the caption {caption[:60]!r} has two rows ({seen[caption]}): keep one")
+            seen[caption] = where
+            # the reference writes empty lists in both columns for a prompt it skips as not memorized
+            skipped = not any(lists) and not any(_neuron_lists(row.get(other)) or [])
+            rows.append(dict(caption=caption, lists=lists, skipped=skipped, where=where))
+    if not rows:
+        raise DoriError(f"{path} holds no rows")
+    return rows
+
+
+def _reference_masks(rows: list[dict], pipe, path, neurons: str, layer_group: str) -> dict[str, Mask]:
     layers = resolve_layers(pipe.unet, layer_group)
-    masks: dict[str, Mask] = {}
-    for line, row in enumerate(rows, start=2):
-        caption, where = row["Caption"], f"{path}, line {line}"
-        try:
-            lists = json.loads(row[column] or "")
-        except ValueError:
-            lists = None
-        if not isinstance(lists, list) or not all(
-                isinstance(x, list) and all(type(i) is int and i >= 0 for i in x) for x in lists):
-            raise DoriError(f"{where}: {column} must be a list of lists of neuron indices, "
-                            f"got {str(row[column])[:80]!r}")
+    meta = dict(method="nemo-reference", neurons=neurons, layer_group=layer_group, source=str(path))
+    masks = {}
+    for row in rows:
+        lists, where = row["lists"], row["where"]
         if len(lists) != len(layers):
             raise DoriError(f"{where}: {len(lists)} layer lists, but this model's {layer_group} group has "
                             f"{len(layers)} layers ({layers[0].name}, ...): were the neurons found on another "
@@ -444,30 +454,69 @@ def read_reference_masks(path: str | Path, pipe, neurons: str = "refined",
             if idx and max(idx) >= ref.module.out_features:
                 raise DoriError(f"{where}: neuron {max(idx)} is out of range for {ref.name} "
                                 f"({ref.module.out_features} neurons): were the neurons found on another model?")
-        if caption in masks:
-            raise DoriError(f"{where}: the caption {caption[:60]!r} has two rows: keep one")
-        masks[caption] = Mask("neuron", {ref.name: idx for ref, idx in zip(layers, lists, strict=True)},
-                              dict(method="nemo-reference", prompt=caption, neurons=neurons, layer_group=layer_group,
-                                   source=str(path),
-                                   model=getattr(pipe, "dori_name", None), skipped=not any(lists)))
-    if not masks:
-        raise DoriError(f"{path} holds no rows")
+        masks[row["caption"]] = Mask("neuron", {ref.name: idx for ref, idx in zip(layers, lists, strict=True)},
+                                     dict(meta, prompt=row["caption"], skipped=row["skipped"],
+                                          model=getattr(pipe, "dori_name", None)))
     return masks
 
 
-def import_reference_masks(path: str | Path, pipe, out: str | Path, neurons: str = "refined",
+def read_reference_masks(path: str | Path, pipe, neurons: str = "refined",
+                         layer_group: str = "nemo-value") -> dict[str, Mask]:
+    """Neuron masks from the CSV of NeMo's reference code, one per caption, to attack them with DoRI.
+
+    The reference's ``3_detect_memorized_neurons.py`` writes a ``;``-separated CSV with a row per prompt:
+    ``Caption``, ``Initial Neurons``, ``Refined Neurons`` (and SSIMs). A neuron cell is a list per value
+    layer, down blocks then the mid block (on SD v1.4 seven lists: layer ids 1-7 of ``nemo-value``), each
+    list the output channels of that layer's ``attn2.to_v`` that its hooks scale by ``--scaling_factor``
+    (default 0: zeroed, as dori's neuron masks; the factor is not in the CSV). The lists map in order onto
+    this UNet's ``layer_group`` (``nemo-value``, the reference's layers; another group for lists written by
+    a modified search); a CSV made for another architecture is refused. A prompt the reference skipped as
+    not memorized has empty lists in both columns: its mask is empty (NeMo deactivates nothing for it) and
+    its metadata says ``skipped``. Cells are read as JSON, never evaluated.
+
+    Args:
+        neurons: ``"refined"`` (the masks NeMo deploys) or ``"initial"`` (before the refinement).
+    """
+    return _reference_masks(read_reference_rows(path, neurons), pipe, path, neurons, layer_group)
+
+
+def _method(mask_json: Path) -> str | None:
+    try:
+        return json.loads(mask_json.read_text())["meta"]["method"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def import_reference_masks(path: str | Path, model, out: str | Path, neurons: str = "refined",
                            layer_group: str = "nemo-value") -> dict[str, Mask]:
     """:func:`read_reference_masks`, saved as a folder of per-caption masks (``out/<caption-slug>``) that
-    ``dori attack --masks NAME=OUT`` attacks. Every row is checked before anything is written; ``out`` may
-    hold only masks of the same names (an import repeated), so no other mask set is mixed in."""
+    ``dori attack --masks NAME=OUT`` attacks.
+
+    ``model``: the pipeline the neurons were found on, or what :func:`~dori.models.loading.load_pipeline`
+    takes (loaded once the CSV and ``out`` have passed their checks). Every row is checked before anything is
+    written. ``out`` may hold only masks this import wrote (an import repeated), so that neither another
+    mask set nor dori's own NeMo masks (``RUN/masks/nemo``) are mixed in or overwritten.
+    """
     from dori.reports.images import slug
 
-    masks = read_reference_masks(path, pipe, neurons, layer_group)
+    rows = read_reference_rows(path, neurons)
     out = Path(out)
-    names = {slug(c) for c in masks}
-    others = sorted(f.name for f in out.glob("*.json") if f.stem not in names) if out.is_dir() else []
-    if others:
-        raise DoriError(f"{out} already holds other masks ({', '.join(others[:3])}, ...): import into a new folder")
+    names: dict[str, str] = {}
+    for row in rows:
+        if names.setdefault(slug(row["caption"]), row["caption"]) != row["caption"]:
+            raise DoriError(f"{row['where']}: the captions {names[slug(row['caption'])][:60]!r} and "
+                            f"{row['caption'][:60]!r} map to one mask file name: import them separately")
+    if out.exists() and not out.is_dir():
+        raise DoriError(f"--out {out} is a file: give a folder for the masks")
+    foreign = sorted(f.name for f in out.glob("*.json") if f.stem not in names or _method(f) != "nemo-reference")
+    if foreign:
+        raise DoriError(f"{out} already holds other masks ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}): import into a new folder")
+    if isinstance(model, (str, Path)):
+        from dori.models.loading import load_pipeline
+
+        model = load_pipeline(model)
+    masks = _reference_masks(rows, model, path, neurons, layer_group)
     out.mkdir(parents=True, exist_ok=True)
     for caption, mask in masks.items():
         mask.save(out / slug(caption))
