@@ -139,6 +139,12 @@ def test_demo_sizes_default_to_the_demo_module_and_zero_means_all(monkeypatch, t
         r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path), *extra])
         assert r.exit_code == 0, r.output
     assert [c["attack_seed"] for c in calls[3:]] == [0, 3]
+    for command in ("demo", "attack"):  # the control for a prompt set without one
+        r = CliRunner().invoke(app, [command, "--out", str(tmp_path), "--control-prompts", "unmem.csv",
+                                     "--control-images-dir", "unmem"])
+        assert r.exit_code == 0, r.output
+        assert (calls[-1]["control_prompts"], calls[-1]["control_images_dir"]) == ("unmem.csv", "unmem")
+    assert calls[0]["control_prompts"] is None
 
 
 def test_train_tiny_options_reach_the_recipe_and_unset_ones_keep_its_defaults(monkeypatch, tmp_path):

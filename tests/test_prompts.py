@@ -37,6 +37,30 @@ def test_malformed_nemo_csv_names_the_missing_columns(tmp_path):
         load_prompt_set(f)
 
 
+def test_nemo_unmemorized_csv_and_the_control_set(tmp_path):
+    """NeMo's unmemorized_laion_prompts.csv (no type column, a leading index column) is a set of kind N, the
+    bypass's control on SD; a control set must hold non-memorized prompts, some with their image on disk."""
+    from dori.data.prompts import load_control_set
+
+    f = tmp_path / "unmemorized_laion_prompts.csv"
+    f.write_text(";Caption;URL;Index\n0;Soaring by Peter Eades;http://x/a.jpg;7984\n1;Grace Kelly Outfits;u;31816\n")
+    assert [r.kind for r in read_nemo_csv(f)] == ["N", "N"] and not any(r.memorized for r in read_nemo_csv(f))
+    with pytest.raises(DoriError, match="none of its 2 prompts has a reference image .no images_dir given"):
+        load_control_set(f)
+    _png(tmp_path / "imgs" / "7984.png")
+    control = load_control_set(f, tmp_path / "imgs")
+    assert [(r.kind, r.reference_status) for r in control] == [("N", "ok"), ("N", "missing")]
+    text = tmp_path / "plain.txt"
+    text.write_text("a photo\n")
+    with pytest.raises(DoriError, match="none of its 1 prompts has a reference image"):
+        load_control_set(text)
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(NEMO_HEADER + "The Colosseum;u;VM;0.9;0.95;17\nA field;u;N;0.1;0.1;18\n")
+    assert [r.kind for r in read_nemo_csv(mixed)] == ["VM", "N"]
+    with pytest.raises(DoriError, match="1 row.s. are of a memorized kind .VM, e.g. 'The Colosseum'"):
+        load_control_set(mixed, tmp_path / "imgs")
+
+
 def test_nemo_csv_bad_type(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text(NEMO_HEADER + "x;u;ZZ;0;0;1\n")

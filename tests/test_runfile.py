@@ -131,6 +131,34 @@ def test_a_run_records_its_local_paths_absolute_and_resumes_from_another_directo
     assert loaded[-1] == "tiny"
 
 
+def test_the_bypass_refuses_a_run_without_a_control_and_takes_one_from_control_prompts(tmp_path, monkeypatch):
+    """SD's memorized prompt sets hold no non-memorized image: the bypass would have no control, so it is refused
+    before the model loads, unless --control-prompts gives one."""
+    from PIL import Image
+
+    import dori.analyses.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "mem.csv").write_text("Caption;URL;type;Index\nThe Colosseum;u;VM;17\n")
+    (tmp_path / "unmem.csv").write_text(";Caption;URL;Index\n0;A field;u;18\n")
+    for folder, index in (("mem", 17), ("unmem", 18)):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / f"{index}.png")
+    run = dict(out=tmp_path / "run", prompt_set=str(tmp_path / "mem.csv"), images_dir=str(tmp_path / "mem"),
+               stages=["generate", "bypass"])
+    with pytest.raises(DoriError, match="this run has none.*--control-prompts FILE --control-images-dir DIR"):
+        demo.run_demo(**run)
+    with pytest.raises(DoriError, match="this run has none.*or control_per_kind is 0"):
+        demo.run_demo(**run, control_per_kind=0, control_prompts=str(tmp_path / "unmem.csv"),
+                      control_images_dir=str(tmp_path / "unmem"))
+    control = dict(control_prompts=str(tmp_path / "unmem.csv"), control_images_dir=str(tmp_path / "unmem"))
+    with pytest.raises(KeyboardInterrupt):  # past every check: the model would load now
+        demo.run_demo(**run, **control)
+    assert {k: load_run_file(tmp_path / "run")[k] for k in control} == control  # recorded, to resume
+    with pytest.raises(KeyboardInterrupt):  # a run without the bypass needs no control
+        demo.run_demo(**{**run, "stages": ["generate"]})
+
+
 def test_a_recorded_file_must_hold_every_argument(tmp_path):
     f = tmp_path / "results.json"
     f.write_text(json.dumps({"manifest": {"config": {"model": "tiny", "seeds": [0]}}}))

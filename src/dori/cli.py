@@ -65,6 +65,8 @@ def _named_paths(items: list[str]) -> dict[str, str]:
 
 
 PARAM_HELP = "mitigation parameter METHOD.KEY=VALUE, repeatable (e.g. wanda.sparsity=0.1, wanda.layer_group=value)"
+CONTROL_HELP = ("non-memorized prompts with reference images, the bypass's control for a prompt set without one "
+                "(e.g. NeMo's unmemorized_laion_prompts.csv)")
 
 
 @app.command()
@@ -93,6 +95,8 @@ def demo(
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     per_prompt_fidelity: bool = typer.Option(False, help="also generate each non-memorized caption under one "
                                              "memorized caption's own mask (besides the joint mask)"),
+    control_prompts: str = typer.Option(None, help=CONTROL_HELP),
+    control_images_dir: str = typer.Option(None, help="folder with the control prompts' reference images"),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
     them (NeMo, Wanda) and attack the mitigations with DoRI; write results.json and report.html."""
@@ -103,7 +107,8 @@ def demo(
                     guidance_rescale=guidance_rescale, device=device, images_dir=images_dir, stages=_list(stages),
                     stats_prompts=stats_prompts,
                     budgets=_ints(budgets, "--budgets"), attack=dict(pairs=pairs),
-                    method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity, **sizes)
+                    method_params=_method_params(param), per_prompt_fidelity=per_prompt_fidelity,
+                    control_prompts=control_prompts, control_images_dir=control_images_dir, **sizes)
     _print_results(res, out)
 
 
@@ -210,7 +215,7 @@ def attack(
     pairs: int = typer.Option(None, help="(noise, timestep) pairs per step (default 8)"),
     restarts: int = typer.Option(None, help="independent triggers per target; the lowest final loss is kept"),
     init: str = typer.Option(None, help="prompt (default), random"),
-    control: int = typer.Option(None, help="control photos per kind (seen-once, held-out); default: all"),
+    control: int = typer.Option(None, help="control photos per kind (seen-once, held-out, N); default: all"),
     token_variants: int = typer.Option(RUN_DEFAULTS["token_variants"],
                                        help="word-perturbed prompts per target (the discrete baseline)"),
     attack_seed: int = typer.Option(0, help="seed of DoRI's noise/timestep draws and of the baselines; rerun "
@@ -221,6 +226,8 @@ def attack(
     metric: str = typer.Option(None),
     sscd: str = typer.Option(None),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
+    control_prompts: str = typer.Option(None, help=CONTROL_HELP),
+    control_images_dir: str = typer.Option(None, help="folder with the control prompts' reference images"),
     device: str = typer.Option("cpu"),
 ):
     """The bypass benchmark: mitigate, then attack each memorized image with DoRI through the mitigation;
@@ -240,7 +247,7 @@ def attack(
                     stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                     attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
                     method_params=_method_params(param), early_stop=early_stop, masks=saved or None,
-                    command="dori attack",
+                    control_prompts=control_prompts, control_images_dir=control_images_dir, command="dori attack",
                     **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
     _print_results(res, out)
 
@@ -286,7 +293,8 @@ def mitigate(
     demo(out=out, model=model, prompts=prompts, images_dir=images_dir, seeds=seeds, metric=metric, sscd=sscd,
          steps=None, guidance=None, guidance_rescale=None, device=device, stages=f"generate,{method}",
          stats_prompts=stats_prompts,
-         budgets="0", pairs=8, param=param, per_prompt_fidelity=True, targets=0, fidelity_per_kind=0)
+         budgets="0", pairs=8, param=param, per_prompt_fidelity=True, targets=0, fidelity_per_kind=0,
+         control_prompts=None, control_images_dir=None)
 
 
 @app.command("import-nemo")

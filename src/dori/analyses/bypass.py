@@ -9,9 +9,9 @@ trigger at the largest budget) gives rows with setting ``"<setting>+random"``, a
 baseline (``token_variants`` word-perturbed prompts per target, :class:`TokenPerturbation`) rows with
 setting ``"<setting>+tokens"``, budget 0, the variant's prompt in ``trigger_prompt``.
 
-The non-memorized control (seen-once and held-out photos, attacked with the same budget on the
-unmitigated model) is always part of the run: an attack that forces any image is not evidence of
-retention.
+The non-memorized control (seen-once and held-out photos on the tiny model, not-memorized images of
+kind N on SD, e.g. NeMo's unmemorized LAION prompts; attacked with the same budget on the unmitigated
+model) is always part of the run: an attack that forces any image is not evidence of retention.
 
 Resuming: each attack group's triggers are saved (``triggers/<setting>/<caption>.safetensors``, with
 the loss trace in a JSON beside it) and each generated caption is an item of the run's
@@ -39,7 +39,7 @@ from dori.analyses.replication import EvalRequest, evaluate_requests
 from dori.analyses.runfile import PAPER_BUDGETS
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
-from dori.data.prompts import PromptRecord, load_reference
+from dori.data.prompts import CONTROL_KINDS, PromptRecord, load_reference
 from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate, summarize
@@ -51,7 +51,6 @@ from dori.reports.results import ItemStore, tensor_digest, write_json, write_saf
 
 log = logging.getLogger(__name__)
 
-CONTROL_KINDS = ("seen_once", "held_out")
 
 
 def control_records(records: Sequence[PromptRecord], per_kind: int | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 from dori.analyses.distributed import Shard, stored_only
 from dori.analyses.mitigate import attack_targets, require_unique_captions, run_mitigation
 from dori.analyses.runfile import absolute_path, write_run_file
-from dori.data.prompts import load_prompt_set
+from dori.data.prompts import load_control_set, load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
 from dori.mitigations.masks import SavedMasks, mask_files
@@ -266,6 +266,8 @@ def run_demo(
     detectors: Sequence[str] = DETECTORS,
     early_stop: bool = False,
     masks: dict[str, str] | None = None,
+    control_prompts: str | None = None,
+    control_images_dir: str | None = None,
     command: str = "dori demo",
 ) -> dict:
     """Run the demo and write ``out/results.json`` and ``out/report.html``; returns the results dict.
@@ -289,6 +291,9 @@ def run_demo(
     ``masks``: mitigations given as saved masks, ``{name: path}`` (a folder of per-caption masks or one
     mask for every caption, :class:`~dori.mitigations.masks.SavedMasks`): each gets the before/after table
     of NeMo and Wanda and, with the bypass stage, is attacked like them (rows ``<name>``, ``<name>+dori``).
+    ``control_prompts`` (with ``control_images_dir``): non-memorized images added to the prompt set as the
+    bypass's control (:func:`~dori.data.prompts.load_control_set`), for a prompt set that has none (SD's
+    memorized prompts); the bypass stage refuses to run without a control.
 
     A killed run started again with the same arguments reuses the items it had finished. Started by
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
@@ -301,7 +306,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     # local paths recorded absolute: `dori run OUT` resumes from any directory, with the same item keys
     model, images_dir, sscd_path = absolute_path(model, MODELS), absolute_path(images_dir), absolute_path(sscd_path)
-    prompt_set, stats_prompts = (absolute_path(p, PROMPT_SETS) for p in (prompt_set, stats_prompts))
+    prompt_set, stats_prompts, control_prompts = (absolute_path(p, PROMPT_SETS)
+                                                  for p in (prompt_set, stats_prompts, control_prompts))
+    control_images_dir = absolute_path(control_images_dir)
     masks = masks and {name: absolute_path(path, exists=lambda p: p.exists() or mask_files(p)[1].is_file())
                        for name, path in masks.items()}  # a mask may be named without its suffix
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
@@ -312,7 +319,8 @@ def run_demo(
                   token_variants=token_variants,
                   method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors),
                   images_dir=images_dir and str(images_dir), sscd_path=sscd_path and str(sscd_path),
-                  early_stop=early_stop, masks=masks)
+                  early_stop=early_stop, masks=masks, control_prompts=control_prompts,
+                  control_images_dir=control_images_dir)
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
     for name in detectors:
@@ -327,11 +335,21 @@ def run_demo(
     if after and "generate" not in stages:
         raise DoriError(f"{', '.join(after)} compare with the unmitigated images: add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
+    if control_prompts:
+        records += load_control_set(control_prompts, control_images_dir)
     targets = attack_targets(records, max_targets)
     if after:
         from dori.analyses.bypass import control_records
 
-        require_unique_captions(targets + control_records(records, control_per_kind))
+        control = control_records(records, control_per_kind)
+        if "bypass" in stages and not control:
+            raise DoriError("the bypass benchmark attacks a non-memorized control as well (an attack that forces "
+                            "any image is no evidence of retention), and this run has none: the prompt set has no "
+                            "non-memorized prompt with a reference image (kinds seen_once, held_out, N)"
+                            + (f" or control_per_kind is {control_per_kind}" if control_per_kind is not None else "")
+                            + ". Give some with --control-prompts FILE --control-images-dir DIR (e.g. NeMo's "
+                            "unmemorized_laion_prompts.csv and its images)")
+        require_unique_captions(targets + control)
     saved: list[SavedMasks] = []
     for name, path in (masks or {}).items():
         saved.append(SavedMasks(name, path, taken={sm.name for sm in saved}))

@@ -33,8 +33,8 @@ class PromptRecord:
 
     Attributes:
         caption: the prompt text.
-        kind: memorized / seen_once / held_out / procedural / unseen (tiny model), VM / TM (NeMo),
-            MV / RV / TV / N (Webster), or unknown.
+        kind: memorized / seen_once / held_out / procedural / unseen (tiny model), VM / TM / N (NeMo),
+            MV / RV / TV / N (Webster; N: not memorized), or unknown.
         reference: where the reference (training) image is: a file path, ``tiny:<name>`` for the
             embedded model's photos, or None.
         reference_status: ``ok`` (image available), ``missing`` (expected but not on disk; see
@@ -116,17 +116,21 @@ def _require(columns, needed: list[str], path: Path, fmt: str) -> None:
 
 
 def read_nemo_csv(path: str | Path, images_dir: str | Path | None = None) -> list[PromptRecord]:
-    """NeMo's ``;``-separated CSV (Caption;URL;type;mean_sscd;max_sscd;Index). Images: ``<Index>.*``."""
+    """NeMo's ``;``-separated CSV (Caption;URL;type;mean_sscd;max_sscd;Index). Images: ``<Index>.*``.
+
+    ``type`` is VM or TM (memorized), or N (not memorized, as Webster's); a file without the column is
+    NeMo's ``unmemorized_laion_prompts.csv``, every row kind N."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=";")
-        _require(reader.fieldnames or [], ["Caption", "URL", "type", "Index"], path, "NeMo CSV (';'-separated)")
+        _require(reader.fieldnames or [], ["Caption", "URL", "Index"], path, "NeMo CSV (';'-separated)")
         rows = list(reader)
     out = []
     for i, r in enumerate(rows):
-        kind = (r["type"] or "").strip()
-        if kind not in ("VM", "TM"):
-            raise DoriError(f"{path}: row {i + 2} has type {kind!r}; NeMo CSV types are 'VM' or 'TM'")
+        kind = (r.get("type", "N") or "").strip()
+        if kind not in ("VM", "TM", "N"):
+            raise DoriError(f"{path}: row {i + 2} has type {kind!r}; NeMo CSV types are 'VM', 'TM' or 'N' "
+                            "(not memorized)")
         meta = {k: v for k, v in r.items() if k not in ("Caption", "type", "Index")}
         rec = PromptRecord(r["Caption"], kind, index=str(r["Index"]).strip(), source=str(path), meta=meta)
         out.append(_with_reference(rec, Path(images_dir) if images_dir else None, rec.index))
@@ -187,6 +191,30 @@ def read_text(path: str | Path, kind: str = "unknown") -> list[PromptRecord]:
     out = [PromptRecord(ln, kind, index=str(i), source=str(path)) for i, ln in enumerate(lines)
            if ln and not ln.startswith("#")]
     return out
+
+
+CONTROL_KINDS = ("seen_once", "held_out", "N")  # non-memorized kinds with reference images: the bypass's control
+
+
+def load_control_set(name_or_path: str | Path, images_dir: str | Path | None = None) -> list[PromptRecord]:
+    """A prompt set of non-memorized images for the bypass benchmark's control (``--control-prompts``), e.g.
+    NeMo's ``unmemorized_laion_prompts.csv`` with its downloaded images. Its records keep a control kind
+    (seen_once, held_out, N) and any other non-memorized kind becomes N; a record its file calls memorized is
+    refused, and so is a set none of whose images is on disk (the control attacks images)."""
+    records = load_prompt_set(name_or_path, images_dir)
+    memorized = [r for r in records if r.memorized]
+    if memorized:
+        raise DoriError(f"control prompts {name_or_path}: {len(memorized)} row(s) are of a memorized kind "
+                        f"({memorized[0].kind}, e.g. {memorized[0].caption[:60]!r}): the control takes "
+                        "non-memorized images only (a Wen JSONL file is read as memorized; use a NeMo CSV)")
+    for r in records:
+        if r.kind not in CONTROL_KINDS:
+            r.kind = "N"
+    if not any(r.reference_status == "ok" for r in records):
+        why = records[0].meta.get("missing_reason", "its format has no images")
+        raise DoriError(f"control prompts {name_or_path}: none of its {len(records)} prompts has a reference "
+                        f"image ({why}); give the folder of its images with --control-images-dir")
+    return records
 
 
 def load_prompt_set(name_or_path: str | Path, images_dir: str | Path | None = None) -> list[PromptRecord]:
