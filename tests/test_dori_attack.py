@@ -135,6 +135,12 @@ def test_bypass_table_curves_split_the_control_by_kind():
     assert curves["none+dori non-memorized"]["mr"] == [0.0, 0.5]  # (0.5 + 0 + 1) / 3 photos
     one_kind = [r for r in rows if r["kind"] != "held_out"]  # a single kind: no per-kind curve repeats it
     assert "none+dori seen_once" not in bypass_table(one_kind, [0, 5])["curves"]
+    # SD's prompt sets: NeMo's VM/TM targets are memorized, its unmemorized LAION images (N) the control
+    sd = [{**r, "kind": {"m": "VM" if r["seed"] else "TM"}.get(r["caption"], "N")} for r in one_kind]
+    table = {t["setting"]: t for t in bypass_table(sd, [0, 5])["table"]}
+    assert table["wanda + DoRI (5 steps)"]["mr"] == 1.0 and table["wanda"]["mr"] == 0.0
+    assert table["non-memorized + DoRI (5 steps)"]["n_images"] == 2  # the two N photos, not the targets
+    assert set(bypass_table(sd, [0, 5])["curves"]) == {"wanda+dori memorized", "none+dori non-memorized"}
 
 
 def test_bypass_attack_seed_changes_the_triggers_and_is_recorded(tiny_pipe, tmp_path):

@@ -39,7 +39,7 @@ from dori.analyses.replication import EvalRequest, evaluate_requests
 from dori.analyses.runfile import PAPER_BUDGETS
 from dori.attacks.baselines import RandomPerturbation, TokenPerturbation
 from dori.attacks.dori import DoRI
-from dori.data.prompts import CONTROL_KINDS, PromptRecord, load_reference
+from dori.data.prompts import CONTROL_KINDS, MEMORIZED_KINDS, PromptRecord, load_reference
 from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate, summarize
@@ -278,8 +278,9 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
     by, by_kind = defaultdict(list), defaultdict(list)
     for s in samples:
         if s.get("score") is not None:
-            by[(s["stage"], s["setting"], s["budget"], s["kind"] == "memorized")].append(s)
-            if s["stage"] == "bypass" and s["kind"] != "memorized":
+            memorized = s["kind"] in MEMORIZED_KINDS  # SD's prompt sets say VM, TM, MV, ...
+            by[(s["stage"], s["setting"], s["budget"], memorized)].append(s)
+            if s["stage"] == "bypass" and not memorized:
                 by_kind[(s["setting"], s["kind"])].append(s)
     settings = sorted({s["setting"].rsplit("+", 1)[0] for s in samples if s["stage"] == "bypass"} - {"none"})
     table = []
@@ -357,7 +358,7 @@ def plot_bypass(bypass: dict, samples: Sequence[dict], threshold: float, plot_di
     groups = defaultdict(list)
     for s in samples:
         if s["stage"] == "bypass" and s["score"] is not None and s["budget"] in (0, top):
-            kind = "memorized" if s["kind"] == "memorized" else "non-memorized"
+            kind = "memorized" if s["kind"] in MEMORIZED_KINDS else "non-memorized"
             groups[f"{s['setting']} @{s['budget']} ({kind})"].append(s["score"])
     fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1.3 * len(groups) + 0.6), dpi=100, sharex=True,
                              squeeze=False)
