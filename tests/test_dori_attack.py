@@ -217,3 +217,24 @@ def test_bypass_triggers_are_keyed_by_their_target_images(tiny_pipe, tmp_path):
         triggers.append(load_file(str(base.with_suffix(".safetensors")))["budget_2"])
     assert len(targets[1]) == 1 and targets[0] != targets[1] and not torch.equal(triggers[0], triggers[1])
     assert targets[2] == targets[0] and torch.equal(triggers[2], triggers[0])  # back to the first: the same steps
+
+
+def test_attack_targets_are_the_references_at_the_models_resolution(tiny_pipe, tmp_path):
+    """SD's reference images come in any size (LAION): the attack gets each as a centre square at the model's
+    resolution, as training saw it; the tiny model's 32 x 32 photos are used as they are."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from dori.analyses.bypass import target_images
+
+    rec = next(r for r in tiny_prompt_set() if r.memorized and r.reference)
+    wide = Image.new("RGB", (20, 10), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 5, 10))  # a blue left edge, outside the centre square
+    wide.save(tmp_path / "small.png")
+    Image.new("RGB", (96, 64), (0, 255, 0)).save(tmp_path / "large.png")
+    recs = [rec, *(replace(rec, reference=str(tmp_path / name)) for name in ("small.png", "large.png"))]
+    images = target_images(tiny_pipe, recs)
+    assert images.shape == (3, 3, 32, 32) and torch.equal(images[0], load_reference(rec))
+    assert torch.allclose(images[1], torch.tensor([1.0, 0, 0]).view(3, 1, 1), atol=1e-6)  # the red centre only
+    assert torch.allclose(images[2], torch.tensor([0, 1.0, 0]).view(3, 1, 1), atol=1e-6)

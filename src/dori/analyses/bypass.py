@@ -44,7 +44,7 @@ from dori.errors import DoriError
 from dori.metrics.base import ReplicationMetric
 from dori.metrics.replication import memorization_rate, summarize
 from dori.mitigations.masks import Mask, apply_mask
-from dori.models.generate import generate
+from dori.models.generate import generate, model_resolution
 from dori.models.loading import model_id
 from dori.reports.images import slug
 from dori.reports.results import ItemStore, tensor_digest, write_json, write_safetensors
@@ -83,6 +83,27 @@ def early_stop_info(attack: DoRI, metric: ReplicationMetric, gen_kwargs: dict, s
             "generation": dict(gen_kwargs)}
 
 
+def target_images(pipe, recs: Sequence[PromptRecord]) -> torch.Tensor:
+    """The attack's targets, ``T x 3 x R x R`` at the model's resolution R: each reference cropped to its
+    centre square and resized (area when shrinking, bicubic when enlarging), the way SD's training images
+    were prepared. A reference already R x R is used as it is (the tiny model's photos)."""
+    import torch.nn.functional as F
+
+    from dori.metrics.pixel import resize_square
+
+    res = model_resolution(pipe)
+    out = []
+    for rec in recs:
+        img = load_reference(rec)
+        side = min(img.shape[-2:])
+        if side >= res:
+            img = resize_square(img, res)
+        else:
+            img = F.interpolate(resize_square(img, side)[None], size=(res, res), mode="bicubic")[0].clamp(0, 1)
+        out.append(img)
+    return torch.stack(out)
+
+
 def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, budgets: Sequence[int],
                   run_dir: Path, seed: int, mask: Mask | None, early: tuple | None = None,
                   process: int = 0) -> dict[int, dict[str, torch.Tensor]]:
@@ -94,12 +115,12 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     ``process``: the process of the run that computes them, recorded with them.
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
-    images = torch.stack([load_reference(r) for r in recs])
+    images = target_images(pipe, recs)
     # the target images' pixels are in the key: a run started again with other reference images attacks them
     key = {"attack": attack.params(), "budgets": list(budgets), "seed": seed, "group": [r.caption for r in recs],
            "model": model_id(pipe), "mask": mask.digest() if mask is not None else None,
            "targets": [tensor_digest(image) for image in images]}
-    if early is not None:  # only then: the triggers of runs without early stop keep their keys
+    if early is not None:  # only then (the key of a run without early stop has no such entry)
         key["early_stop"] = early[1]
     params = json.loads(json.dumps(key))  # as read back
     if all(p.is_file() and json.loads(p.with_suffix(".json").read_text())["params"] == params for p in paths):

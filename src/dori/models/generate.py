@@ -108,9 +108,14 @@ def denoising_loss(pipe, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tens
     return (pred.float() - training_target(pipe.scheduler, clean, noise, t).float()).pow(2).flatten(1).mean(1)
 
 
+def model_resolution(pipe) -> int:
+    """The side of the square images the model makes by default (its ``dori_defaults``, else the UNet's)."""
+    return pipe.dori_defaults.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def initial_noise(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:
     """The starting latents ``x_T`` for each seed (CPU-drawn, so identical on every device)."""
-    res = resolution or pipe.dori_defaults.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    res = resolution or model_resolution(pipe)
     shape = (pipe.unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(*unet_place(pipe))
