@@ -7,14 +7,16 @@ Takes a finished `dori demo` run (run first if the folder has no results.json: a
 Its NeMo masks (`masks/nemo`, one per memorized caption) are written as the reference's
 `3_detect_memorized_neurons.py` writes its results: a `;`-separated CSV, one list of neurons per layer
 (the tiny model's NeMo searches all 10 value projections, so `--layer-group value`, not the reference's 7
-of SD's `nemo-value`). The CSV is imported with `import_reference_masks`, the run is repeated with the
-imported masks as the set `nemo-ref` (every other item is reused from the run), and each `nemo-ref*`
+of SD's `nemo-value`). The CSV is imported with `import_reference_masks`, the run is repeated in a copy of
+its folder (`<run>-nemo-ref`, the run itself is left as it is) with the imported masks as the set
+`nemo-ref` (every other item is reused from the copy), and each `nemo-ref*`
 sample row is paired with the `nemo*` row of the same caption, budget and seed. Prints the number of pairs
 and the largest score difference (0.0 when the import is exact).
 """
 
 import argparse
 import csv
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,14 +42,17 @@ def main() -> None:
         if "prompt" in mask.meta:  # not the joint mask
             lists = [mask.layers[n].tolist() if n in mask.layers else [] for n in layers]
             rows.append([mask.meta["prompt"], "", str(lists), "", str(lists), ""])
-    reference_csv = run / "nemo_reference.csv"
+    copy = run.with_name(run.name + "-nemo-ref")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy)
+    reference_csv = copy / "nemo_reference.csv"
     with open(reference_csv, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter=";")
         writer.writerow(["Caption", "URL", "Initial Neurons", "Initial SSIM", "Refined Neurons", "Refined SSIM"])
         writer.writerows(rows)
-    imported = run / "nemo_reference_masks"
+    imported = copy / "nemo_reference_masks"
     import_reference_masks(reference_csv, pipe, imported, layer_group="value")
-    res = run_demo(**{**load_run_file(run), "masks": {"nemo-ref": str(imported)}}, command="roundtrip")
+    res = run_demo(**{**load_run_file(copy), "masks": {"nemo-ref": str(imported)}}, command="roundtrip")
     pairs: dict[tuple, dict[bool, float]] = defaultdict(dict)
     for r in res["samples"]:
         setting = r["setting"]

@@ -169,3 +169,31 @@ def test_write_json_is_atomic(tmp_path):
         write_json(p, {"a": object()})
     assert json.loads(p.read_text()) == {"a": 1}  # the old file survives a failed write
     assert [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_an_sd_style_prompt_file_is_attacked_with_the_control_from_control_prompts(tmp_path):
+    """The SD workflow on the tiny model: a NeMo prompt file of memorized (VM) captions with their images, and
+    NeMo's unmemorized-file format (no type column) as the control. The VM target is reported as memorized,
+    the control image (kind N) is attacked on the model as it is and serves the bypass only."""
+    from dori.data.prompts import load_reference
+    from dori.data.tiny import tiny_prompt_set
+    from dori.reports.images import save_png
+
+    tiny = tiny_prompt_set()
+    target = next(r for r in tiny if r.memorized)
+    held = next(r for r in tiny if r.kind == "held_out")
+    save_png(load_reference(target), tmp_path / "mem" / "7.png")
+    save_png(load_reference(held), tmp_path / "unmem" / "8.png")
+    (tmp_path / "mem.csv").write_text(f"Caption;URL;type;Index\n{target.caption};u;VM;7\n")
+    (tmp_path / "unmem.csv").write_text(f";Caption;URL;Index\n0;{held.caption};u;8\n")
+    res = run_demo(out=tmp_path / "run", prompt_set=str(tmp_path / "mem.csv"), images_dir=str(tmp_path / "mem"),
+                   control_prompts=str(tmp_path / "unmem.csv"), control_images_dir=str(tmp_path / "unmem"),
+                   stages=["generate", "bypass"], seeds=(0,), attack=dict(steps=2, pairs=2), budgets=(0, 2),
+                   token_variants=0)
+    kinds = {(r["stage"], r["setting"], r["kind"]) for r in res["samples"]}
+    assert ("bypass", "none+dori", "N") in kinds and ("bypass", "none+dori", "VM") in kinds
+    assert not any(r["kind"] == "N" and r["stage"] != "bypass" for r in res["samples"])  # the bypass's only
+    table = {t["setting"]: t for t in res["bypass"]["table"]}
+    assert table["memorized (no mitigation)"]["mr"] == 1.0 and table["memorized + DoRI (2 steps)"]["n_images"] == 1
+    assert table["non-memorized + DoRI (2 steps)"]["n_images"] == 1
+    assert [p["kind"] for p in res["prompts"]] == ["VM", "N"]

@@ -37,14 +37,17 @@ def test_malformed_nemo_csv_names_the_missing_columns(tmp_path):
         load_prompt_set(f)
 
 
-def test_nemo_unmemorized_csv_and_the_control_set(tmp_path):
+def test_nemo_unmemorized_csv_and_the_control_set(tmp_path, monkeypatch):
     """NeMo's unmemorized_laion_prompts.csv (no type column, a leading index column) is a set of kind N, the
     bypass's control on SD; a control set must hold non-memorized prompts, some with their image on disk."""
     from dori.data.prompts import load_control_set
 
     f = tmp_path / "unmemorized_laion_prompts.csv"
     f.write_text(";Caption;URL;Index\n0;Soaring by Peter Eades;http://x/a.jpg;7984\n1;Grace Kelly Outfits;u;31816\n")
-    assert [r.kind for r in read_nemo_csv(f)] == ["N", "N"] and not any(r.memorized for r in read_nemo_csv(f))
+    with pytest.raises(DoriError, match=r"missing column\(s\) \['type'\]"):  # as the prompt set: its kinds unsaid
+        load_prompt_set(f)
+    assert [r.kind for r in read_nemo_csv(f, default_kind="N")] == ["N", "N"]
+    assert "" not in read_nemo_csv(f, default_kind="N")[0].meta  # the leading column is pandas' row index
     with pytest.raises(DoriError, match="none of its 2 prompts has a reference image .no images_dir given"):
         load_control_set(f)
     _png(tmp_path / "imgs" / "7984.png")
@@ -54,11 +57,21 @@ def test_nemo_unmemorized_csv_and_the_control_set(tmp_path):
     text.write_text("a photo\n")
     with pytest.raises(DoriError, match="none of its 1 prompts has a reference image"):
         load_control_set(text)
+    again = tmp_path / "again.csv"  # a control caption that is also in the prompt set: one item for two
+    again.write_text(";Caption;URL;Index\n0;Soaring by Peter Eades;u;1\n")
+    with pytest.raises(DoriError, match="'Soaring by Peter Eades' is listed twice, or is also in the prompt set"):
+        load_control_set(again, tmp_path / "imgs", prompt_set=control)
     mixed = tmp_path / "mixed.csv"
     mixed.write_text(NEMO_HEADER + "The Colosseum;u;VM;0.9;0.95;17\nA field;u;N;0.1;0.1;18\n")
     assert [r.kind for r in read_nemo_csv(mixed)] == ["VM", "N"]
     with pytest.raises(DoriError, match="1 row.s. are of a memorized kind .VM, e.g. 'The Colosseum'"):
         load_control_set(mixed, tmp_path / "imgs")
+    import dori.data.prompts as prompts  # a control kind is kept, any other non-memorized kind becomes N
+
+    made = [prompts.PromptRecord(c, k, reference="x.png", reference_status="ok") for c, k in
+            (("a", "held_out"), ("b", "unseen"), ("c", "unknown"))]
+    monkeypatch.setattr(prompts, "load_prompt_set", lambda *a, **k: made)
+    assert [r.kind for r in load_control_set("any")] == ["held_out", "N", "N"] and made[1].kind == "unseen"
 
 
 def test_nemo_csv_bad_type(tmp_path):

@@ -259,6 +259,26 @@ def test_a_nemo_reference_csv_with_the_wrong_columns_or_rows_is_refused(tiny_pip
         import_reference_masks(twice.with_name("ten.csv"), tiny_pipe, tmp_path / "file")
 
 
+def test_a_nemo_reference_import_checks_its_inputs_before_the_model_loads(tmp_path, monkeypatch):
+    import dori.models.loading
+    from dori.mitigations.nemo import import_reference_masks
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(dori.models.loading, "load_pipeline", no_model)
+    good = _nemo_csv(tmp_path / "stats.csv", [("a", [[]] * 7, [[1]] * 7)])
+    bad = _nemo_csv(tmp_path / "bad.csv", [("a", [[]] * 7, "[[1], 'x']")])
+    (tmp_path / "file").write_text("")
+    for csv, out, group, message in [(bad, tmp_path / "o", "nemo-value", "line 2: Refined Neurons must be"),
+                                     (good, tmp_path / "file", "nemo-value", "is a file"),
+                                     (good, tmp_path / "o", "nemo-valu", "unknown layer group 'nemo-valu'")]:
+        with pytest.raises(DoriError, match=re.escape(message)):
+            import_reference_masks(csv, "CompVis/stable-diffusion-v1-4", out, layer_group=group)
+    with pytest.raises(AssertionError, match="the model was loaded"):  # all good: now it loads
+        import_reference_masks(good, "CompVis/stable-diffusion-v1-4", tmp_path / "o")
+
+
 def test_a_nemo_reference_csv_is_read_as_the_reference_and_spreadsheets_write_it(tiny_pipe, tmp_path, monkeypatch):
     import dori.reports.images
     from dori.mitigations.nemo import import_reference_masks, read_reference_masks

@@ -276,8 +276,9 @@ def run_demo(
     run's seeds, NeMo's seed consistency; ROC), ``nemo`` / ``wanda`` (a mask per memorized caption,
     before/after table), ``bypass`` (DoRI against each
     mitigation run in this call, or against the model as it is when none is, with the non-memorized
-    control: ``control_per_kind`` seen-once and held-out photos, None = all; the random-perturbation
-    baseline; ``token_variants`` word-perturbed prompts per target, the discrete baseline).
+    control: ``control_per_kind`` photos of each control kind (seen-once, held-out, N), None = all; the
+    random-perturbation baseline; ``token_variants`` word-perturbed prompts per target, the discrete
+    baseline).
     ``max_targets``: the mitigation and bypass stages take the first this many memorized captions (None =
     all); ``fidelity_per_kind``: the mitigations' effect on non-memorized captions is measured on the
     first this many of each kind (None = all). ``per_prompt_fidelity`` also generates each non-memorized
@@ -291,9 +292,10 @@ def run_demo(
     ``masks``: mitigations given as saved masks, ``{name: path}`` (a folder of per-caption masks or one
     mask for every caption, :class:`~dori.mitigations.masks.SavedMasks`): each gets the before/after table
     of NeMo and Wanda and, with the bypass stage, is attacked like them (rows ``<name>``, ``<name>+dori``).
-    ``control_prompts`` (with ``control_images_dir``): non-memorized images added to the prompt set as the
-    bypass's control (:func:`~dori.data.prompts.load_control_set`), for a prompt set that has none (SD's
-    memorized prompts); the bypass stage refuses to run without a control.
+    ``control_prompts`` (with ``control_images_dir``): non-memorized images attacked as the bypass's control
+    besides the prompt set's own (:func:`~dori.data.prompts.load_control_set`), for a prompt set that has
+    none (SD's memorized prompts); they serve the bypass only. The bypass stage refuses to run without a
+    control.
 
     A killed run started again with the same arguments reuses the items it had finished. Started by
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
@@ -335,20 +337,28 @@ def run_demo(
     if after and "generate" not in stages:
         raise DoriError(f"{', '.join(after)} compare with the unmitigated images: add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
-    if control_prompts:
-        records += load_control_set(control_prompts, control_images_dir)
+    if control_images_dir and not control_prompts:
+        raise DoriError("--control-images-dir is the folder of --control-prompts' images: give both")
+    if control_per_kind is not None and control_per_kind < 0:
+        raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
+    # the control prompts serve the bypass only: not generated, detected or used for the mitigations' side effects
+    control_set = load_control_set(control_prompts, control_images_dir, records) if control_prompts else []
     targets = attack_targets(records, max_targets)
+    control = []
     if after:
         from dori.analyses.bypass import control_records
 
-        control = control_records(records, control_per_kind)
+        control = control_records(records + control_set, control_per_kind)
         if "bypass" in stages and not control:
+            why = "control_per_kind is 0" if control_per_kind == 0 else (
+                "the prompt set has no non-memorized prompt with a reference image (kinds seen_once, held_out, N)")
             raise DoriError("the bypass benchmark attacks a non-memorized control as well (an attack that forces "
-                            "any image is no evidence of retention), and this run has none: the prompt set has no "
-                            "non-memorized prompt with a reference image (kinds seen_once, held_out, N)"
-                            + (f" or control_per_kind is {control_per_kind}" if control_per_kind is not None else "")
-                            + ". Give some with --control-prompts FILE --control-images-dir DIR (e.g. NeMo's "
-                            "unmemorized_laion_prompts.csv and its images)")
+                            f"any image is no evidence of retention), and this run has none ({why}). Give some with "
+                            "--control-prompts FILE --control-images-dir DIR (e.g. NeMo's "
+                            "unmemorized_laion_prompts.csv and its images), or leave the bypass out of --stages")
+        if not targets:
+            raise DoriError(f"{', '.join(after)} need memorized prompts with a reference image, and the prompt set "
+                            f"{prompt_set} has none (its kinds: {', '.join(sorted({r.kind for r in records}))})")
         require_unique_captions(targets + control)
     saved: list[SavedMasks] = []
     for name, path in (masks or {}).items():
@@ -397,7 +407,7 @@ def run_demo(
         "manifest": man,
         "metric": {"name": m.name, "threshold": m.threshold,
                    "distractors": bool(getattr(m, "distractors", False))} if m else None,
-        "prompts": [r.to_dict() for r in records],
+        "prompts": [r.to_dict() for r in records + control_set],
         "samples": samples,
         "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if samples else [],
     }
@@ -420,7 +430,6 @@ def run_demo(
     if "bypass" in stages:
         from dori.analyses.bypass import (
             bypass_table,
-            control_records,
             early_stop_info,
             plot_bypass,
             run_bypass,
@@ -431,7 +440,7 @@ def run_demo(
         config["resolved_attack"] = dori.params() | ({"check_every": dori.check_every} if early_stop else {})
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,
-                          control=control_records(records, control_per_kind), max_targets=max_targets,
+                          control=control, max_targets=max_targets,
                           token_variants=token_variants, seed=attack_seed, prior_rows=samples, early_stop=early_stop,
                           shard=shard)
         samples += rows

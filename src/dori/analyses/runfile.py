@@ -189,8 +189,8 @@ def absolute_path(value, names=(), exists=None):
     the run from any directory, and the keys of its finished items (which hold the model's name and the
     reference images' paths) do not depend on the directory it was started in. Names (``"tiny"``, a
     registered prompt set), hub ids, an empty value and a path that does not exist are kept as written (the
-    latter's own error comes later, naming it as given). Symbolic links are kept, not resolved: a file's
-    name and folder are what its readers go by (a hub cache's files are links to nameless blobs).
+    latter's own error comes later, naming it as given). Symbolic links and ``..`` are kept, not resolved:
+    a file's name and folder are what its readers go by (a hub cache's files are links to nameless blobs).
     ``exists``: how to tell that ``value`` names something on disk (default: the path exists).
     """
     if not value or str(value) in names:
@@ -198,7 +198,7 @@ def absolute_path(value, names=(), exists=None):
     path = Path(value).expanduser()
     if not (exists(path) if exists else path.exists()):
         return value
-    return os.path.abspath(path)
+    return str(path.absolute())  # not abspath: `link/..` is not always `.`
 
 
 def write_run_file(out: Path, args: dict) -> None:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -115,23 +118,26 @@ def _require(columns, needed: list[str], path: Path, fmt: str) -> None:
         )
 
 
-def read_nemo_csv(path: str | Path, images_dir: str | Path | None = None) -> list[PromptRecord]:
+def read_nemo_csv(path: str | Path, images_dir: str | Path | None = None,
+                  default_kind: str | None = None) -> list[PromptRecord]:
     """NeMo's ``;``-separated CSV (Caption;URL;type;mean_sscd;max_sscd;Index). Images: ``<Index>.*``.
 
-    ``type`` is VM or TM (memorized), or N (not memorized, as Webster's); a file without the column is
-    NeMo's ``unmemorized_laion_prompts.csv``, every row kind N."""
+    ``type`` is VM or TM (memorized), or N (not memorized, as Webster's). ``default_kind``: the kind of every
+    row of a file without the column (``"N"`` for NeMo's ``unmemorized_laion_prompts.csv``, read as a
+    control); None: the column is required."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a file saved by a spreadsheet starts with a BOM
         reader = csv.DictReader(f, delimiter=";")
-        _require(reader.fieldnames or [], ["Caption", "URL", "Index"], path, "NeMo CSV (';'-separated)")
+        needed = ["Caption", "URL", "Index"] + (["type"] if default_kind is None else [])
+        _require(reader.fieldnames or [], needed, path, "NeMo CSV (';'-separated)")
         rows = list(reader)
     out = []
     for i, r in enumerate(rows):
-        kind = (r.get("type", "N") or "").strip()
+        kind = (r.get("type", default_kind) or "").strip()
         if kind not in ("VM", "TM", "N"):
             raise DoriError(f"{path}: row {i + 2} has type {kind!r}; NeMo CSV types are 'VM', 'TM' or 'N' "
                             "(not memorized)")
-        meta = {k: v for k, v in r.items() if k not in ("Caption", "type", "Index")}
+        meta = {k: v for k, v in r.items() if k and k not in ("Caption", "type", "Index")}  # k "": pandas' index
         rec = PromptRecord(r["Caption"], kind, index=str(r["Index"]).strip(), source=str(path), meta=meta)
         out.append(_with_reference(rec, Path(images_dir) if images_dir else None, rec.index))
     return out
@@ -196,20 +202,25 @@ def read_text(path: str | Path, kind: str = "unknown") -> list[PromptRecord]:
 CONTROL_KINDS = ("seen_once", "held_out", "N")  # non-memorized kinds with reference images: the bypass's control
 
 
-def load_control_set(name_or_path: str | Path, images_dir: str | Path | None = None) -> list[PromptRecord]:
+def load_control_set(name_or_path: str | Path, images_dir: str | Path | None = None,
+                     prompt_set: Sequence[PromptRecord] = ()) -> list[PromptRecord]:
     """A prompt set of non-memorized images for the bypass benchmark's control (``--control-prompts``), e.g.
-    NeMo's ``unmemorized_laion_prompts.csv`` with its downloaded images. Its records keep a control kind
-    (seen_once, held_out, N) and any other non-memorized kind becomes N; a record its file calls memorized is
-    refused, and so is a set none of whose images is on disk (the control attacks images)."""
-    records = load_prompt_set(name_or_path, images_dir)
+    NeMo's ``unmemorized_laion_prompts.csv`` (a NeMo CSV without a ``type`` column: every row kind N) with
+    its downloaded images. Records keep a control kind (seen_once, held_out, N); any other non-memorized
+    kind becomes N. Refused: a record its file calls memorized, a caption given twice or also in the run's
+    ``prompt_set`` (items are kept per caption), and a set none of whose images is on disk."""
+    records = load_prompt_set(name_or_path, images_dir, default_kind="N")
     memorized = [r for r in records if r.memorized]
     if memorized:
         raise DoriError(f"control prompts {name_or_path}: {len(memorized)} row(s) are of a memorized kind "
                         f"({memorized[0].kind}, e.g. {memorized[0].caption[:60]!r}): the control takes "
                         "non-memorized images only (a Wen JSONL file is read as memorized; use a NeMo CSV)")
-    for r in records:
-        if r.kind not in CONTROL_KINDS:
-            r.kind = "N"
+    seen = Counter(r.caption for r in [*prompt_set, *records])
+    twice = [r.caption for r in records if seen[r.caption] > 1]
+    if twice:
+        raise DoriError(f"control prompts {name_or_path}: the caption {twice[0][:60]!r} is listed twice, or is also "
+                        "in the prompt set: items are kept per caption, so give each control image its own caption")
+    records = [r if r.kind in CONTROL_KINDS else replace(r, kind="N") for r in records]
     if not any(r.reference_status == "ok" for r in records):
         why = records[0].meta.get("missing_reason", "its format has no images")
         raise DoriError(f"control prompts {name_or_path}: none of its {len(records)} prompts has a reference "
@@ -217,8 +228,10 @@ def load_control_set(name_or_path: str | Path, images_dir: str | Path | None = N
     return records
 
 
-def load_prompt_set(name_or_path: str | Path, images_dir: str | Path | None = None) -> list[PromptRecord]:
+def load_prompt_set(name_or_path: str | Path, images_dir: str | Path | None = None,
+                    default_kind: str | None = None) -> list[PromptRecord]:
     """A registered prompt set by name (``"tiny"``) or a file by its extension (.csv, .jsonl, .parquet, .txt).
+    ``default_kind``: the kind of a NeMo CSV's rows when it has no ``type`` column, and of a text file's.
 
     Example:
         >>> recs = load_prompt_set("tiny")
@@ -233,9 +246,10 @@ def load_prompt_set(name_or_path: str | Path, images_dir: str | Path | None = No
     path = Path(name).expanduser()
     if not path.is_file():
         PROMPT_SETS.entry(name)  # raises "unknown prompt set" with a did-you-mean
-    readers = {".csv": read_nemo_csv, ".jsonl": read_wen_jsonl, ".parquet": read_webster_parquet}
+    readers = {".csv": partial(read_nemo_csv, default_kind=default_kind), ".jsonl": read_wen_jsonl,
+               ".parquet": read_webster_parquet}
     if path.suffix == ".txt":
-        records = read_text(path)
+        records = read_text(path, default_kind or "unknown")
     elif path.suffix in readers:
         records = readers[path.suffix](path, images_dir)
     else:
