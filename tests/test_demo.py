@@ -197,3 +197,66 @@ def test_an_sd_style_prompt_file_is_attacked_with_the_control_from_control_promp
     assert table["memorized (no mitigation)"]["mr"] == 1.0 and table["memorized + DoRI (2 steps)"]["n_images"] == 1
     assert table["non-memorized + DoRI (2 steps)"]["n_images"] == 1
     assert [p["kind"] for p in res["prompts"]] == ["VM", "N"]
+
+
+def _sd_shaped_pipeline(folder):
+    """A random pipeline of SD's kind (latent AutoencoderKL, CLIP text encoder, cross-attention UNet, DDIM),
+    tiny widths, saved as `save_pretrained` writes SD: the code paths the tiny pixel-space model skips."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dori.models.loading import TINY_PATH
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(TINY_PATH / "tokenizer")
+    StableDiffusionPipeline(
+        vae=AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+        text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                  num_hidden_layers=2, vocab_size=tok.vocab_size)),
+        tokenizer=tok,
+        unet=UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
+                                  out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                  attention_head_dim=8, norm_num_groups=8),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
+def test_the_bypass_runs_on_a_latent_sd_shaped_pipeline_with_sscd_and_nemos_files(tmp_path):
+    """The SD workflow end to end, on random weights (nothing replicates; what is checked is that every stage
+    runs and reports): NeMo's prompt files with reference images of other sizes, an SSCD TorchScript file, a
+    latent VAE, classifier-free guidance, a mitigation that leaves no non-memorized caption to compare."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    _sd_shaped_pipeline(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    for folder, index in (("mem", 3), ("mem", 4), ("unmem", 10)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        pixels = rng.integers(0, 255, (30 + index, 40, 3), dtype=np.uint8)  # not the model's size nor square
+        Image.fromarray(pixels).save(tmp_path / folder / f"{index}.jpg")
+    (tmp_path / "mem.csv").write_text("Caption;URL;type;Index\nThe Colosseum at night;u;VM;3\nA car poster;u;TM;4\n")
+    (tmp_path / "unmem.csv").write_text(";Caption;URL;Index\n0;Soaring by Peter Eades;u;10\n")
+
+    class Descriptor(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+
+    torch.jit.script(Descriptor()).save(str(tmp_path / "sscd.pt"))
+    res = run_demo(model=str(tmp_path / "model"), out=tmp_path / "run", prompt_set=str(tmp_path / "mem.csv"),
+                   images_dir=str(tmp_path / "mem"), control_prompts=str(tmp_path / "unmem.csv"),
+                   control_images_dir=str(tmp_path / "unmem"), metric="sscd-nemo", sscd_path=str(tmp_path / "sscd.pt"),
+                   stages=["generate", "wanda", "bypass"], seeds=(0,), num_inference_steps=3, budgets=(0, 2),
+                   attack=dict(pairs=2), token_variants=0, method_params={"wanda": {"sparsity": 0.05}})
+    assert res["manifest"]["config"]["resolved_attack"]["steps"] == 2  # what ran, not DoRI's default 50
+    assert res["manifest"]["config"]["resolved_generation"]["guidance_scale"] == 7.5  # SD's default
+    table = [t["setting"] for t in res["bypass"]["table"]]
+    assert table[:3] == ["memorized (no mitigation)", "wanda", "wanda + DoRI (2 steps)"] and "non-memorized" in table
+    assert all((tmp_path / "run" / r["image"]).is_file() for r in res["samples"])
+    assert {r["kind"] for r in res["samples"] if r["setting"] == "none+dori"} == {"N"}  # the control, attacked
+    assert "not measured" in (tmp_path / "run" / "report.html").read_text()  # no non-memorized caption to compare

@@ -144,6 +144,8 @@ def _print_replication(res: dict) -> None:
 
 
 def _print_analyses(res: dict, out: Path) -> None:
+    from dori.reports.html import similarity
+
     if "procedural" in res:
         p = res["procedural"]
         bg = "" if p["background_accuracy"] is None else f"background {p['background_accuracy']:.2f}, "
@@ -160,8 +162,8 @@ def _print_analyses(res: dict, out: Path) -> None:
         fid = sm["non_memorized_similarity_to_unmitigated"]
         own = sm.get("non_memorized_similarity_per_prompt_mask")
         Console().print(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
-                        f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {fid['mean']:.2f} "
-                        f"(joint mask)" + (f", {own['mean']:.2f} (one prompt's own mask)" if own else ""))
+                        f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {similarity(fid)} "
+                        f"(joint mask)" + (f", {similarity(own)} (one prompt's own mask)" if own else ""))
     if "bypass" in res:
         b = res["bypass"]
         table = Table(title=f"bypass benchmark: {b['attack']}")

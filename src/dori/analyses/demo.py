@@ -436,7 +436,7 @@ def run_demo(
             trigger_seconds,
         )
 
-        dori = make_attack(pipe, attack)
+        dori = make_attack(pipe, {**(attack or {}), "steps": max(budgets)})  # what run_bypass runs and records
         config["resolved_attack"] = dori.params() | ({"check_every": dori.check_every} if early_stop else {})
         masks = {name: mres["masks"] for name, mres in mitigations.items()} or {"none": None}
         rows = run_bypass(pipe, records, masks, m, out, attack=dori, budgets=budgets, seeds=seeds, gen_kwargs=gen,

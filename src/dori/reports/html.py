@@ -101,6 +101,13 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
     return "".join(out)
 
 
+def similarity(fid: dict) -> str:
+    """A mitigation's side effect on non-memorized captions, as text: its mean and minimum, or why there is none."""
+    if fid.get("mean") is None:
+        return "not measured (the prompt set has no non-memorized caption)"
+    return f"{fid['mean']:.3f} (min {fid['min']:.3f})"
+
+
 def render_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from ``run_dir/results.json``."""
     run_dir = Path(run_dir)
@@ -142,15 +149,14 @@ def render_report(run_dir: str | Path) -> Path:
     for name, mres in res.get("mitigations", {}).items():
         sm = mres["summary"]
         parts.append(f"<h2>Mitigation: {html.escape(name)}</h2><p class='muted'>{html.escape(sm['method'])}</p>")
+        fid = sm["non_memorized_similarity_to_unmitigated"]
         parts.append(f"<p>memorized MR {sm['mr_before']:.2f} &rarr; <b>{sm['mr_after']:.2f}</b> with each "
                      f"prompt's own mask; joint mask size {sm['joint_mask_size']}; non-memorized captions "
-                     f"with the joint mask: {html.escape(sm['non_memorized_similarity_to_unmitigated']['measure'])}"
-                     f" = {sm['non_memorized_similarity_to_unmitigated']['mean']:.3f} (min "
-                     f"{sm['non_memorized_similarity_to_unmitigated']['min']:.3f})</p>")
+                     f"with the joint mask: {html.escape(fid['measure'])} = {similarity(fid)}</p>")
         own = sm.get("non_memorized_similarity_per_prompt_mask")
         if own and own["mean"] is not None:
             parts.append(f"<p>non-memorized captions each under one memorized caption's own mask: "
-                         f"{own['mean']:.3f} (min {own['min']:.3f})</p>")
+                         f"{similarity(own)}</p>")
         cols = ["caption", "mask_size", "score_before", "mr_before", "score_after", "mr_after", "seconds"]
         cols += [c for c in ("signal_floor", "threshold_reachable") if any(c in t for t in mres["table"])]
         parts.append(_table(mres["table"], cols))
