@@ -52,7 +52,6 @@ from dori.reports.results import ItemStore, tensor_digest, write_json, write_saf
 log = logging.getLogger(__name__)
 
 
-
 def control_records(records: Sequence[PromptRecord], per_kind: int | None = None,
                     kinds: Sequence[str] = CONTROL_KINDS) -> list[PromptRecord]:
     """The non-memorized control: records of ``kinds`` with a reference image (``per_kind`` of each)."""
