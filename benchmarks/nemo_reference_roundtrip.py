@@ -31,7 +31,7 @@ from dori.models.layers import resolve_layers
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo", help="a dori demo run (made if it has no results.json)")
-    run = Path(ap.parse_args().run)
+    run = Path(ap.parse_args().run).resolve()  # `--run .` has a name too
     if not (run / "results.json").is_file():
         run_demo(out=run)
     pipe = load_pipeline("tiny")

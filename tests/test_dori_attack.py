@@ -221,20 +221,22 @@ def test_bypass_triggers_are_keyed_by_their_target_images(tiny_pipe, tmp_path):
 
 def test_attack_targets_are_the_references_at_the_models_resolution(tiny_pipe, tmp_path):
     """SD's reference images come in any size (LAION): the attack gets each as a centre square at the model's
-    resolution, as training saw it; the tiny model's 32 x 32 photos are used as they are."""
+    resolution; the tiny model's 32 x 32 photos are used as they are."""
     from dataclasses import replace
 
-    from PIL import Image
+    import torch.nn.functional as F
 
     from dori.analyses.bypass import target_images
+    from dori.reports.images import save_png
 
     rec = next(r for r in tiny_prompt_set() if r.memorized and r.reference)
-    wide = Image.new("RGB", (20, 10), (255, 0, 0))
-    wide.paste((0, 0, 255), (0, 0, 5, 10))  # a blue left edge, outside the centre square
-    wide.save(tmp_path / "small.png")
-    Image.new("RGB", (96, 64), (0, 255, 0)).save(tmp_path / "large.png")
+    ramp = torch.linspace(0, 1, 96).expand(3, 64, 96).clone()  # a horizontal ramp: the resampling shows
+    for name, w, h in (("small.png", 20, 10), ("large.png", 96, 64)):
+        save_png(F.interpolate(ramp[None], size=(h, w), mode="area")[0], tmp_path / name)
     recs = [rec, *(replace(rec, reference=str(tmp_path / name)) for name in ("small.png", "large.png"))]
     images = target_images(tiny_pipe, recs)
     assert images.shape == (3, 3, 32, 32) and torch.equal(images[0], load_reference(rec))
-    assert torch.allclose(images[1], torch.tensor([1.0, 0, 0]).view(3, 1, 1), atol=1e-6)  # the red centre only
-    assert torch.allclose(images[2], torch.tensor([0, 1.0, 0]).view(3, 1, 1), atol=1e-6)
+    small, large = (load_reference(r) for r in recs[1:])  # as read back (8-bit)
+    centre = small[..., :, 5:15][None]  # the 10 x 10 centre square of 20 x 10
+    assert torch.allclose(images[1], F.interpolate(centre, size=(32, 32), mode="bicubic")[0].clamp(0, 1))
+    assert torch.allclose(images[2], F.interpolate(large[..., :, 16:80][None], size=(32, 32), mode="area")[0])

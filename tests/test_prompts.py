@@ -51,14 +51,14 @@ def test_nemo_unmemorized_csv_and_the_control_set(tmp_path, monkeypatch):
     with pytest.raises(DoriError, match="none of its 2 prompts has a reference image .no images_dir given"):
         load_control_set(f)
     _png(tmp_path / "imgs" / "7984.png")
-    control = load_control_set(f, tmp_path / "imgs")
-    assert [(r.kind, r.reference_status) for r in control] == [("N", "ok"), ("N", "missing")]
+    control = load_control_set(f, tmp_path / "imgs")  # only what can be attacked: the prompt with its image
+    assert [(r.caption, r.kind, r.reference_status) for r in control] == [("Soaring by Peter Eades", "N", "ok")]
     text = tmp_path / "plain.txt"
     text.write_text("a photo\n")
     with pytest.raises(DoriError, match="none of its 1 prompts has a reference image"):
         load_control_set(text)
     again = tmp_path / "again.csv"  # a control caption that is also in the prompt set: one item for two
-    again.write_text(";Caption;URL;Index\n0;Soaring by Peter Eades;u;1\n")
+    again.write_text(";Caption;URL;Index\n0;Soaring by Peter Eades;u;7984\n")
     with pytest.raises(DoriError, match="'Soaring by Peter Eades' is listed twice, or is also in the prompt set"):
         load_control_set(again, tmp_path / "imgs", prompt_set=control)
     mixed = tmp_path / "mixed.csv"

@@ -160,6 +160,18 @@ def test_the_bypass_refuses_a_run_without_a_control_and_takes_one_from_control_p
     assert {k: load_run_file(tmp_path / "run")[k] for k in control} == control  # recorded, to resume
     with pytest.raises(KeyboardInterrupt):  # a run without the bypass needs no control
         demo.run_demo(**{**run, "stages": ["generate"]})
+    with pytest.raises(DoriError, match=r"budgets must be DoRI step counts, 0 or more, at least one; got \[\]"):
+        demo.run_demo(**run, **control, budgets=[])
+    # NeMo's statistics prompts may be NeMo's unmemorized file itself (no type column), read before the model
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(**{**run, "stages": ["generate", "nemo"]}, stats_prompts=str(tmp_path / "unmem.csv"))
+    (tmp_path / "bad.csv").write_text("Caption,URL\n")
+    with pytest.raises(DoriError, match="bad.csv is not a valid NeMo CSV"):
+        demo.run_demo(**{**run, "stages": ["generate", "nemo"]}, stats_prompts=str(tmp_path / "bad.csv"))
+    (tmp_path / "mem" / "17.png").unlink()  # the targets' images missing: said first, naming --images-dir
+    with pytest.raises(DoriError, match="none of its 1 memorized prompts has its reference image on disk .check "
+                                        "--images-dir"):
+        demo.run_demo(**run, **control)
 
 
 def test_a_recorded_file_must_hold_every_argument(tmp_path):

@@ -62,7 +62,7 @@ def control_records(records: Sequence[PromptRecord], per_kind: int | None = None
     return out
 
 
-def early_stop_check(pipe, metric: ReplicationMetric, images: torch.Tensor, gen_kwargs: dict, seed: int):
+def early_stop_check(pipe, metric: ReplicationMetric, images: Sequence[torch.Tensor], gen_kwargs: dict, seed: int):
     """DoRI's optional early stop in the benchmark: a trigger passes when the one image it generates with
     sampling seed ``seed`` (not one the benchmark evaluates) replicates its target. The attacker holds
     the target image, so the check uses nothing an attacker would not have."""
@@ -84,8 +84,8 @@ def early_stop_info(attack: DoRI, metric: ReplicationMetric, gen_kwargs: dict, s
 
 def target_images(pipe, recs: Sequence[PromptRecord]) -> torch.Tensor:
     """The attack's targets, ``T x 3 x R x R`` at the model's resolution R: each reference cropped to its
-    centre square and resized (area when shrinking, bicubic when enlarging), the way SD's training images
-    were prepared. A reference already R x R is used as it is (the tiny model's photos)."""
+    centre square and resized (area when shrinking, bicubic when enlarging; dori's choice, close to how
+    SD's training crops were made). A reference already R x R is used as it is (the tiny model's photos)."""
     import torch.nn.functional as F
 
     from dori.metrics.pixel import resize_square
@@ -126,8 +126,10 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
         loaded = [load_file(str(p)) for p in paths]
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
     stored_only(f"triggers (setting {setting!r}) of {[r.caption[:40] for r in recs]}")
+    # the early stop scores against the references as the evaluation does (not the resized targets)
+    check = early[0]([load_reference(r) for r in recs]) if early is not None else None
     res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
-                        check=early[0](images) if early is not None else None)
+                        check=check)
     loss = torch.tensor(res.loss) if res.loss else torch.zeros(1, len(res.target_index))
     out: dict[int, dict[str, torch.Tensor]] = {b: {} for b in budgets}
     for ti, (rec, path) in enumerate(zip(recs, paths, strict=True)):

@@ -136,7 +136,7 @@ def make_method(name: str, pipe, stats_prompts: str | None, overrides: dict | No
         return method
     nemo = method
     if stats_prompts:
-        prompts = [r.caption for r in load_prompt_set(stats_prompts) if not r.memorized]
+        prompts = [r.caption for r in load_prompt_set(stats_prompts, default_kind="N") if not r.memorized]
     elif getattr(pipe, "dori_recipe", None) is not None:  # the tiny model, shipped or retrained
         from dori.data.tiny import spec_from_recipe, tiny_stats_prompts
 
@@ -293,9 +293,9 @@ def run_demo(
     mask for every caption, :class:`~dori.mitigations.masks.SavedMasks`): each gets the before/after table
     of NeMo and Wanda and, with the bypass stage, is attacked like them (rows ``<name>``, ``<name>+dori``).
     ``control_prompts`` (with ``control_images_dir``): non-memorized images attacked as the bypass's control
-    besides the prompt set's own (:func:`~dori.data.prompts.load_control_set`), for a prompt set that has
-    none (SD's memorized prompts); they serve the bypass only. The bypass stage refuses to run without a
-    control.
+    (:func:`~dori.data.prompts.load_control_set`), for a prompt set that has none (SD's memorized prompts);
+    they serve the bypass only, and come before the prompt set's own control photos of the same kind when
+    ``control_per_kind`` takes the first few. The bypass stage refuses to run without a control.
 
     A killed run started again with the same arguments reuses the items it had finished. Started by
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
@@ -341,14 +341,27 @@ def run_demo(
         raise DoriError("--control-images-dir is the folder of --control-prompts' images: give both")
     if control_per_kind is not None and control_per_kind < 0:
         raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
+    if "bypass" in stages and (not budgets or min(budgets) < 0):
+        raise DoriError(f"budgets must be DoRI step counts, 0 or more, at least one; got {list(budgets)}")
+    if "nemo" in stages and stats_prompts:
+        load_prompt_set(stats_prompts, default_kind="N")  # read now: a bad file fails before the model loads
     # the control prompts serve the bypass only: not generated, detected or used for the mitigations' side effects
     control_set = load_control_set(control_prompts, control_images_dir, records) if control_prompts else []
+    if control_set and "bypass" not in stages:
+        log.warning("the control prompts serve the bypass stage only, which this run does not have")
     targets = attack_targets(records, max_targets)
     control = []
     if after:
         from dori.analyses.bypass import control_records
 
-        control = control_records(records + control_set, control_per_kind)
+        if not targets:
+            memorized = [r for r in records if r.memorized]
+            why = (f"none of its {len(memorized)} memorized prompts has its reference image on disk (check "
+                   "--images-dir)" if memorized else
+                   f"it has no memorized prompt (its kinds: {', '.join(sorted({r.kind for r in records}))})")
+            raise DoriError(f"{', '.join(after)} need memorized prompts with a reference image, and in the prompt "
+                            f"set {prompt_set} {why}")
+        control = control_records(control_set + records, control_per_kind)  # the control prompts first
         if "bypass" in stages and not control:
             why = "control_per_kind is 0" if control_per_kind == 0 else (
                 "the prompt set has no non-memorized prompt with a reference image (kinds seen_once, held_out, N)")
@@ -356,9 +369,6 @@ def run_demo(
                             f"any image is no evidence of retention), and this run has none ({why}). Give some with "
                             "--control-prompts FILE --control-images-dir DIR (e.g. NeMo's "
                             "unmemorized_laion_prompts.csv and its images), or leave the bypass out of --stages")
-        if not targets:
-            raise DoriError(f"{', '.join(after)} need memorized prompts with a reference image, and the prompt set "
-                            f"{prompt_set} has none (its kinds: {', '.join(sorted({r.kind for r in records}))})")
         require_unique_captions(targets + control)
     saved: list[SavedMasks] = []
     for name, path in (masks or {}).items():
@@ -407,7 +417,7 @@ def run_demo(
         "manifest": man,
         "metric": {"name": m.name, "threshold": m.threshold,
                    "distractors": bool(getattr(m, "distractors", False))} if m else None,
-        "prompts": [r.to_dict() for r in records + control_set],
+        "prompts": [r.to_dict() for r in records] + [r.to_dict() | {"control": True} for r in control_set],
         "samples": samples,
         "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if samples else [],
     }

@@ -129,7 +129,9 @@ def read_nemo_csv(path: str | Path, images_dir: str | Path | None = None,
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a file saved by a spreadsheet starts with a BOM
         reader = csv.DictReader(f, delimiter=";")
         needed = ["Caption", "URL", "Index"] + (["type"] if default_kind is None else [])
-        _require(reader.fieldnames or [], needed, path, "NeMo CSV (';'-separated)")
+        fmt = "NeMo CSV (';'-separated" + ("; a file of non-memorized prompts without `type` is read by "
+                                           "--control-prompts and --stats-prompts)" if default_kind is None else ")")
+        _require(reader.fieldnames or [], needed, path, fmt)
         rows = list(reader)
     out = []
     for i, r in enumerate(rows):
@@ -206,26 +208,27 @@ def load_control_set(name_or_path: str | Path, images_dir: str | Path | None = N
                      prompt_set: Sequence[PromptRecord] = ()) -> list[PromptRecord]:
     """A prompt set of non-memorized images for the bypass benchmark's control (``--control-prompts``), e.g.
     NeMo's ``unmemorized_laion_prompts.csv`` (a NeMo CSV without a ``type`` column: every row kind N) with
-    its downloaded images. Records keep a control kind (seen_once, held_out, N); any other non-memorized
-    kind becomes N. Refused: a record its file calls memorized, a caption given twice or also in the run's
-    ``prompt_set`` (items are kept per caption), and a set none of whose images is on disk."""
+    its downloaded images. Only the records whose image is on disk are returned; they keep a control kind
+    (seen_once, held_out, N), any other non-memorized kind becomes N. Refused: a record its file calls
+    memorized, a caption given twice or also in the run's ``prompt_set`` (items are kept per caption), and
+    a set none of whose images is on disk."""
     records = load_prompt_set(name_or_path, images_dir, default_kind="N")
     memorized = [r for r in records if r.memorized]
     if memorized:
         raise DoriError(f"control prompts {name_or_path}: {len(memorized)} row(s) are of a memorized kind "
                         f"({memorized[0].kind}, e.g. {memorized[0].caption[:60]!r}): the control takes "
                         "non-memorized images only (a Wen JSONL file is read as memorized; use a NeMo CSV)")
-    seen = Counter(r.caption for r in [*prompt_set, *records])
-    twice = [r.caption for r in records if seen[r.caption] > 1]
-    if twice:
-        raise DoriError(f"control prompts {name_or_path}: the caption {twice[0][:60]!r} is listed twice, or is also "
-                        "in the prompt set: items are kept per caption, so give each control image its own caption")
-    records = [r if r.kind in CONTROL_KINDS else replace(r, kind="N") for r in records]
-    if not any(r.reference_status == "ok" for r in records):
+    usable = [r if r.kind in CONTROL_KINDS else replace(r, kind="N") for r in records if r.reference_status == "ok"]
+    if not usable:
         why = records[0].meta.get("missing_reason", "its format has no images")
         raise DoriError(f"control prompts {name_or_path}: none of its {len(records)} prompts has a reference "
                         f"image ({why}); give the folder of its images with --control-images-dir")
-    return records
+    seen = Counter(r.caption for r in [*prompt_set, *usable])
+    twice = [r.caption for r in usable if seen[r.caption] > 1]
+    if twice:
+        raise DoriError(f"control prompts {name_or_path}: the caption {twice[0][:60]!r} is listed twice, or is also "
+                        "in the prompt set: items are kept per caption, so give each control image its own caption")
+    return usable  # a control prompt without its image could not be attacked
 
 
 def load_prompt_set(name_or_path: str | Path, images_dir: str | Path | None = None,

@@ -497,12 +497,11 @@ def import_reference_masks(path: str | Path, model, out: str | Path, neurons: st
     written. ``out`` may hold only masks this import wrote (an import repeated), so that neither another
     mask set nor dori's own NeMo masks (``RUN/masks/nemo``) are mixed in or overwritten.
     """
-    from dori.models.layers import LAYER_GROUPS
+    from dori.models.layers import check_layer_group
     from dori.reports.images import slug
 
     rows = read_reference_rows(path, neurons)
-    if layer_group not in LAYER_GROUPS:  # before the model loads
-        raise DoriError(f"unknown layer group {layer_group!r}; the groups are {', '.join(LAYER_GROUPS)}")
+    check_layer_group(layer_group)  # before the model loads
     out = Path(out)
     names: dict[str, str] = {}
     for row in rows:

@@ -35,14 +35,19 @@ def _order(name: str) -> tuple:
     return (stage, [int(p) if p.isdigit() else p for p in name.split(".")])
 
 
-def resolve_layers(unet: torch.nn.Module, group: str) -> list[LayerRef]:
-    """The linear layers of ``unet`` in a named group (see :data:`LAYER_GROUPS`), in compute order."""
+def check_layer_group(group: str) -> None:
+    """One clear error, with a did-you-mean, for a layer group :data:`LAYER_GROUPS` does not name."""
     if group not in LAYER_GROUPS:
         import difflib
 
         close = difflib.get_close_matches(group, list(LAYER_GROUPS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise DoriError(f"unknown layer group {group!r}.{hint} Known: {', '.join(LAYER_GROUPS)}")
+
+
+def resolve_layers(unet: torch.nn.Module, group: str) -> list[LayerRef]:
+    """The linear layers of ``unet`` in a named group (see :data:`LAYER_GROUPS`), in compute order."""
+    check_layer_group(group)
     pattern = re.compile(LAYER_GROUPS[group][0])
     found = [(n, m) for n, m in unet.named_modules() if pattern.search(n) and isinstance(m, torch.nn.Linear)]
     if not found:
