@@ -191,3 +191,14 @@ def test_a_run_file_names_saved_masks(tmp_path):
     f = tmp_path / "study.toml"
     f.write_text('out = "o"\n[masks]\nmine = "runs/a/masks/wanda"\ndeployed = "runs/a/masks/wanda/_joint.json"\n')
     assert load_run_file(f)["masks"] == {"mine": "runs/a/masks/wanda", "deployed": "runs/a/masks/wanda/_joint.json"}
+
+
+def test_an_sscd_metric_without_its_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import dori.analyses.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for kwargs, message in [({"metric": "sscd-nemo"}, "needs a local SSCD TorchScript file: pass --sscd"),
+                            ({"metric": "sscd-wen", "sscd_path": str(tmp_path / "no.pt")}, "SSCD model file not found"),
+                            ({"metric": "sscd-nemmo"}, "unknown metric 'sscd-nemmo'. Did you mean 'sscd-nemo'")]:
+        with pytest.raises(DoriError, match=re.escape(message)):
+            demo.run_demo(out=tmp_path / "run", stages=["generate"], **kwargs)

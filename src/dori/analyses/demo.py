@@ -301,7 +301,7 @@ def run_demo(
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
     each returns every row and table; the first writes results.json, the plots and the report.
     """
-    from dori.registry import MODELS, PROMPT_SETS
+    from dori.registry import METRICS, MODELS, PROMPT_SETS
 
     t0 = time.time()
     out = Path(out)
@@ -341,6 +341,10 @@ def run_demo(
         raise DoriError("--control-images-dir is the folder of --control-prompts' images: give both")
     if control_per_kind is not None and control_per_kind < 0:
         raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
+    if metric is not None:  # an SSCD metric's file, checked before the model loads (minutes on SD)
+        METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
+        if metric.startswith("sscd") and not (sscd_path and Path(sscd_path).expanduser().is_file()):
+            make_metric(metric, None, sscd_path)  # its own clear error, naming the flag or the missing file
     if "bypass" in stages and (not budgets or min(budgets) < 0):
         raise DoriError(f"budgets must be DoRI step counts, 0 or more, at least one; got {list(budgets)}")
     if "nemo" in stages and stats_prompts:
