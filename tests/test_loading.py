@@ -137,3 +137,19 @@ def test_unet_convolutions_are_channels_last(tiny_pipe):
 
     convs = [m.weight for m in tiny_pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_a_device_this_torch_cannot_use_is_one_clear_error(monkeypatch):
+    from dori.models.loading import check_device
+
+    check_device("cpu")
+    with pytest.raises(DoriError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
+        load_pipeline("tiny", device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DoriError, match="'cuda:0': this PyTorch .* has no CUDA"):
+        check_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(DoriError, match="'cuda:2': there are 2 GPUs"):
+        check_device("cuda:2")

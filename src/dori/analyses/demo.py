@@ -18,7 +18,7 @@ from dori.errors import DoriError
 from dori.metrics.replication import summarize
 from dori.mitigations.masks import SavedMasks, mask_files
 from dori.models.layers import resolve_layers
-from dori.models.loading import load_pipeline, model_id
+from dori.models.loading import check_device, load_pipeline, model_id
 from dori.reports.html import render_report
 from dori.reports.results import SCHEMA_VERSION, ItemStore, manifest, write_json
 
@@ -341,6 +341,7 @@ def run_demo(
         raise DoriError("--control-images-dir is the folder of --control-prompts' images: give both")
     if control_per_kind is not None and control_per_kind < 0:
         raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
+    check_device(device)
     if metric is not None:  # an SSCD metric's file, checked before the model loads (minutes on SD)
         METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
         if metric.startswith("sscd") and not (sscd_path and Path(sscd_path).expanduser().is_file()):

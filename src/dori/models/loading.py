@@ -65,6 +65,22 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
     return name
 
 
+def check_device(device: str | torch.device) -> None:
+    """One clear error for a device this PyTorch cannot use: a typo, or CUDA on a CPU-only build or host."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DoriError(f"device {str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise DoriError(f"device {str(device)!r}: this PyTorch ({torch.__version__}) has no CUDA ({why}); "
+                            "use --device cpu, or install a CUDA build of PyTorch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DoriError(f"device {str(device)!r}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1})")
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = "tiny",
     dtype: torch.dtype = torch.float32,
@@ -95,6 +111,7 @@ def load_pipeline(
 
     import dori.models.pixel_vae  # noqa: F401  (diffusers finds the tiny model's VAE class among imported modules)
 
+    check_device(device)
     target = resolve_model_path(name_or_path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(

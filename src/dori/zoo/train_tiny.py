@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dori.models.generate import training_target
+from dori.models.loading import check_device
 from dori.zoo.tiny_data import RESOLUTION, TinyDataSpec, build_train_set
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
 
     from dori.models.loading import TINY_PATH
 
+    check_device(cfg.device)  # before the training set is built
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
