@@ -120,11 +120,11 @@ def test_a_run_records_its_local_paths_absolute_and_resumes_from_another_directo
         demo.run_demo(**args)  # `dori run DIR` from elsewhere
     assert loaded == [str(start / "models" / "sd")] * 2
     with pytest.raises(KeyboardInterrupt):  # names, hub ids, missing paths and "" are kept as written
-        demo.run_demo(out="run2", seeds=(0,), stages=["generate"], model="org/not-here", images_dir="nowhere",
+        demo.run_demo(out="run2", seeds=(0,), stages=["generate"], model="org/not-here", stats_prompts="nowhere.txt",
                       sscd_path="")
     recorded = json.loads((elsewhere / "run2" / "run.json").read_text())
-    assert [recorded[k] for k in ("model", "images_dir", "prompt_set", "sscd_path")] == ["org/not-here", "nowhere",
-                                                                                          "tiny", ""]
+    assert [recorded[k] for k in ("model", "stats_prompts", "prompt_set", "sscd_path")] == [
+        "org/not-here", "nowhere.txt", "tiny", ""]
     (elsewhere / "org" / "not-here").mkdir(parents=True)  # a folder now takes the hub id's name: said on resume
     with caplog.at_level(logging.WARNING, logger="dori.analyses.runfile"):
         assert load_run_file(elsewhere / "run2")["model"] == "org/not-here"
@@ -202,3 +202,23 @@ def test_an_sscd_metric_without_its_file_is_refused_before_the_model_loads(tmp_p
                             ({"metric": "sscd-nemmo"}, "unknown metric 'sscd-nemmo'. Did you mean 'sscd-nemo'")]:
         with pytest.raises(DoriError, match=re.escape(message)):
             demo.run_demo(out=tmp_path / "run", stages=["generate"], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seeds": ()}, "give at least one sampling seed"),
+    ({"stages": []}, "stages: give at least one of generate"),
+    ({"num_inference_steps": 0}, "sampling steps must be 1 or more, got 0"),
+    ({"guidance_scale": -1.0}, "guidance scale must be 0 or more"),
+    ({"guidance_rescale": 2.0}, "guidance rescale must be between 0 and 1, got 2.0"),
+    ({"images_dir": "/nonexistent/refs"}, "images folder /nonexistent/refs not found (--images-dir)"),
+    ({"attack": {"pairs": 0}}, "attack: steps must be >= 0, pairs, restarts and check_every >= 1; got steps=50"),
+    ({"attack": {"lr": -1.0}}, "attack: lr must be positive, got -1.0"),
+    ({"attack": {"step": 3}}, "attack: DoRI.__init__() got an unexpected keyword argument 'step'"),
+    ({"device": "gpu"}, "device 'gpu' is not a device"),
+])
+def test_settings_that_cannot_run_are_refused_before_the_model_loads(tmp_path, monkeypatch, kwargs, message):
+    import dori.analyses.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(DoriError, match=re.escape(message)):
+        demo.run_demo(out=tmp_path / "run", **kwargs)

@@ -240,6 +240,28 @@ def _save_fig(fig, path: Path) -> None:
     tmp.replace(path)
 
 
+def _check_sizes(seeds, stages, num_inference_steps, guidance_scale, guidance_rescale, images_dir, attack) -> None:
+    """The run's settings that can be checked before anything loads: one clear error each."""
+    from dori.attacks.dori import DoRI
+
+    if not seeds:
+        raise DoriError("seeds: give at least one sampling seed (e.g. --seeds 0,1)")
+    if not stages:
+        raise DoriError(f"stages: give at least one of {', '.join(STAGES)}")
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise DoriError(f"sampling steps must be 1 or more, got {num_inference_steps}")
+    if guidance_scale is not None and guidance_scale < 0:
+        raise DoriError(f"guidance scale must be 0 or more, got {guidance_scale}")
+    if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
+        raise DoriError(f"guidance rescale must be between 0 and 1, got {guidance_rescale}")
+    if images_dir and not Path(images_dir).expanduser().is_dir():
+        raise DoriError(f"images folder {images_dir} not found (--images-dir)")
+    try:
+        DoRI(**(attack or {}))  # its own value checks; the model's settings are checked once it loads
+    except (TypeError, ValueError) as e:
+        raise DoriError(f"attack: {e}") from None
+
+
 def run_demo(
     model: str = "tiny",
     out: str | Path = "runs/demo",
@@ -342,6 +364,7 @@ def run_demo(
     if control_per_kind is not None and control_per_kind < 0:
         raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
     check_device(device)
+    _check_sizes(seeds, stages, num_inference_steps, guidance_scale, guidance_rescale, images_dir, attack)
     if metric is not None:  # an SSCD metric's file, checked before the model loads (minutes on SD)
         METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
         if metric.startswith("sscd") and not (sscd_path and Path(sscd_path).expanduser().is_file()):

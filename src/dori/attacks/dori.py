@@ -91,7 +91,10 @@ class DoRI:
         if t_weighting not in ("uniform", "low"):
             raise ValueError(f"t_weighting must be 'uniform' or 'low', got {t_weighting!r}")
         if steps < 0 or pairs < 1 or restarts < 1 or check_every < 1:
-            raise ValueError("steps must be >= 0, pairs, restarts and check_every >= 1")
+            raise ValueError(f"steps must be >= 0, pairs, restarts and check_every >= 1; got steps={steps}, "
+                             f"pairs={pairs}, restarts={restarts}, check_every={check_every}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
         self.steps, self.lr, self.pairs, self.t_range = steps, lr, pairs, t_range
         self.init, self.init_scale, self.restarts, self.positions = init, init_scale, restarts, positions
         self.t_weighting, self.check_every = t_weighting, check_every
