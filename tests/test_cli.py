@@ -92,6 +92,8 @@ def test_mitigation_parameters_from_the_command_line(tmp_path, dori_cli):
     assert r.returncode == 2 and "wanda has no parameter ['sparsty']" in r.stderr and "sparsity" in r.stderr
     r = dori_cli("attack", "--out", str(tmp_path / "o"), "--mitigation", "wanda", "--param", "nemo.threshold=0.3")
     assert r.returncode == 2 and "parameters given for nemo, which this run does not use" in r.stderr
+    r = dori_cli("mitigate", "--method", "nemo", "--out", str(tmp_path / "o"), "--param", "nemo.threshold=abc")
+    assert r.returncode == 2 and "nemo.threshold must be a number, got 'abc'" in r.stderr  # before the model loads
     for bad in ("wanda.sparsity=2", "wanda.layer_group=valu"):
         r = dori_cli("mitigate", "--method", "wanda", "--out", str(tmp_path / "o"), "--param", bad)
         assert r.returncode == 2, r.stderr

@@ -1,11 +1,13 @@
 """A shortened run of the tiny model's recipe produces a loadable, working pipeline."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from dori import load_pipeline
+from dori.errors import DoriError
 from dori.models.generate import generate
 from dori.zoo.tiny_data import TinyDataSpec
 from dori.zoo.train_tiny import TrainConfig, train_tiny
@@ -125,3 +127,19 @@ def test_a_retrained_tiny_model_gets_the_tiny_nemo_statistics(tmp_path, monkeypa
     (tmp_path / "plain" / "dori_recipe.json").unlink()
     with pytest.raises(DoriError, match="--stats-prompts"):
         make_method("nemo", load_pipeline(tmp_path / "plain"), None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "steps must be 1 or more, got 0"),
+    ({"lr": -1e-3}, "lr must be positive"),
+    ({"latent_scale": 0.0}, "latent_scale must be positive"),
+    ({"ema_decay": 1.0}, "ema_decay must be in [0, 1) or None (off), got 1.0"),
+    ({"prediction_type": "sample"}, "prediction_type must be epsilon or v_prediction, got sample"),
+    ({"train_text_encoder": False}, "need train_text_encoder=True"),
+    ({"data": TinyDataSpec(crop_template_captions=1.5)}, "crop_template_captions must be in [0, 1], got 1.5"),
+])
+def test_a_recipe_that_cannot_train_is_one_clear_error_before_anything_is_built(tmp_path, change, message):
+    cfg = TrainConfig(out=str(tmp_path / "m"), **change)
+    with pytest.raises(DoriError, match=re.escape(message)):
+        train_tiny(cfg)
+    assert not (tmp_path / "m").exists()

@@ -100,10 +100,11 @@ def require_both_kinds(records) -> None:
 
 
 def check_method_params(method_params: dict[str, dict], stages: Sequence[str] | None = None) -> None:
-    """One clear error for an unknown mitigation or parameter name, or parameters for a mitigation
-    that is not among ``stages`` (before any stage runs)."""
+    """One clear error for an unknown mitigation or parameter name, a value of the wrong type, or parameters
+    for a mitigation that is not among ``stages`` (before any stage runs)."""
     import inspect
 
+    from dori.analyses.runfile import check_types, type_hints
     from dori.mitigations.nemo import NeMo
     from dori.mitigations.wanda import Wanda
 
@@ -117,6 +118,7 @@ def check_method_params(method_params: dict[str, dict], stages: Sequence[str] | 
         unknown = set(params) - known
         if unknown:
             raise DoriError(f"{name} has no parameter {sorted(unknown)}; its parameters: {', '.join(sorted(known))}")
+        check_types(params, type_hints(cls.__init__), "method parameters", f"{name}.")
 
 
 def make_method(name: str, pipe, stats_prompts: str | None, overrides: dict | None = None):

@@ -44,14 +44,14 @@ _RESOLVED = ("resolved_generation", "resolved_attack", "threshold")  # derived b
 _ADDED_LATER = {"early_stop": False, "masks": None, "control_prompts": None, "control_images_dir": None}
 
 
-def _hints(fn) -> dict:
+def type_hints(fn) -> dict:
     return {k: v for k, v in typing.get_type_hints(fn).items() if k not in ("return", "command", "self")}
 
 
 def _run_hints() -> dict:
     from dori.analyses.demo import run_demo
 
-    return _hints(run_demo)
+    return type_hints(run_demo)
 
 
 def _accepts(hint, v) -> bool:
@@ -85,7 +85,7 @@ def _describe(hint, plural: bool = False) -> str:
     return names[hint][plural] if hint in names else str(hint)
 
 
-def _check_types(args: dict, hints: dict, source, where: str = "") -> None:
+def check_types(args: dict, hints: dict, source, where: str = "") -> None:
     for key, v in args.items():
         if v is not None and not _accepts(hints[key], v):
             raise DoriError(f"{source}: {where}{key} must be {_describe(hints[key])}, got {v!r}")
@@ -166,12 +166,12 @@ def check_run_arguments(args: dict, source: str | Path = "run file") -> dict:
                         f"a run file takes {', '.join(hints)}")
     if "out" not in args:
         raise DoriError(f"{source} names no run directory: add out = \"DIR\" or pass --out DIR")
-    _check_types(args, hints, source)
-    attack_hints = _hints(DoRI.__init__)
+    check_types(args, hints, source)
+    attack_hints = type_hints(DoRI.__init__)
     bad = sorted(set(args.get("attack") or {}) - set(attack_hints))
     if bad:
         raise DoriError(f"{source}: attack has no parameter(s) {bad}; DoRI takes {', '.join(attack_hints)}")
-    _check_types(args.get("attack") or {}, attack_hints, source, "attack.")
+    check_types(args.get("attack") or {}, attack_hints, source, "attack.")
     try:
         DoRI(**(args.get("attack") or {}))  # its own value checks (init, t_weighting, ranges); no model needed
     except ValueError as e:

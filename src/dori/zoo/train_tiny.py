@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dori.errors import DoriError
 from dori.models.generate import training_target
 from dori.models.loading import check_device
 from dori.zoo.tiny_data import RESOLUTION, TinyDataSpec, build_train_set
@@ -143,6 +144,28 @@ class TrainConfig:
     prediction_type: str = "v_prediction"
     data: TinyDataSpec = field(default_factory=TinyDataSpec)
 
+    def check(self) -> None:
+        """One clear error for a recipe that cannot train, before anything is built."""
+        d = self.data
+        bad = [(f"{name} must be {rule}, got {value}") for name, value, ok, rule in [
+            ("steps", self.steps, self.steps >= 1, "1 or more"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "1 or more"),
+            ("lr", self.lr, self.lr > 0, "positive"),
+            ("latent_scale", self.latent_scale, self.latent_scale > 0, "positive"),
+            ("ema_decay", self.ema_decay, self.ema_decay is None or 0 <= self.ema_decay < 1, "in [0, 1) or None (off)"),
+            ("prediction_type", self.prediction_type, self.prediction_type in ("epsilon", "v_prediction"),
+             "epsilon or v_prediction"),
+            ("duplicates", d.duplicates, d.duplicates >= 0, "0 or more"),
+            ("n_procedural", d.n_procedural, d.n_procedural >= 0, "0 or more"),
+            ("crop_extra_words", d.crop_extra_words, d.crop_extra_words >= 0, "0 or more"),
+            ("crop_template_captions", d.crop_template_captions, 0 <= d.crop_template_captions <= 1, "in [0, 1]"),
+        ] if not ok]
+        if (d.crop_extra_words or d.crop_template_captions) and not self.train_text_encoder:
+            bad.append("crop_extra_words and crop_template_captions need train_text_encoder=True (the captions "
+                       "change at every draw)")
+        if bad:
+            raise DoriError("the recipe cannot train: " + "; ".join(bad))
+
 
 def build_tiny_components(bpe_tokenizer_dir: str | Path, seed: int = 0, latent_scale: float = 1.0,
                           prediction_type: str = "v_prediction"):
@@ -205,14 +228,11 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
 
     from dori.models.loading import TINY_PATH
 
-    check_device(cfg.device)  # before the training set is built
+    cfg.check()  # before the training set is built
+    check_device(cfg.device)
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
-    if cfg.latent_scale <= 0:
-        raise ValueError(f"latent_scale must be positive, got {cfg.latent_scale}")
-    if cfg.ema_decay is not None and not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1) or None (off), got {cfg.ema_decay}")
     comps = build_tiny_components(tokenizer_dir, cfg.seed, cfg.latent_scale, cfg.prediction_type)
     unet, te, tok = comps["unet"], comps["text_encoder"], comps["tokenizer"]
     unet.set_attn_processor(AttnProcessor())  # few small heads: the classic processor is faster on CPU
@@ -220,9 +240,6 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     data = build_train_set(cfg.data)
     n_extra, p_template = cfg.data.crop_extra_words, cfg.data.crop_template_captions
     recaption = bool(n_extra or p_template)
-    if recaption and not cfg.train_text_encoder:
-        raise ValueError("crop_extra_words and crop_template_captions need train_text_encoder=True "
-                         "(the captions change at every draw)")
     if recaption:
         from dori.zoo.tiny_data import frequent_words, swap_words, with_random_words
 
