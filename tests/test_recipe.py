@@ -137,6 +137,8 @@ def test_a_retrained_tiny_model_gets_the_tiny_nemo_statistics(tmp_path, monkeypa
     ({"prediction_type": "sample"}, "prediction_type must be epsilon or v_prediction, got sample"),
     ({"train_text_encoder": False}, "need train_text_encoder=True"),
     ({"data": TinyDataSpec(crop_template_captions=1.5)}, "crop_template_captions must be in [0, 1], got 1.5"),
+    ({"data": TinyDataSpec(procedural_layout="diagonal")}, "procedural_layout must be one of"),
+    ({"caption_dropout": 1.5, "threads": 0}, "caption_dropout must be in [0, 1], got 1.5; threads must be 1 or more"),
 ])
 def test_a_recipe_that_cannot_train_is_one_clear_error_before_anything_is_built(tmp_path, change, message):
     cfg = TrainConfig(out=str(tmp_path / "m"), **change)

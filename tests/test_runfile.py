@@ -2,6 +2,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 
 from dori.analyses.runfile import RUN_DEFAULTS, load_run_file
@@ -208,17 +209,35 @@ def test_an_sscd_metric_without_its_file_is_refused_before_the_model_loads(tmp_p
     ({"seeds": ()}, "give at least one sampling seed"),
     ({"stages": []}, "stages: give at least one of generate"),
     ({"num_inference_steps": 0}, "sampling steps must be 1 or more, got 0"),
-    ({"guidance_scale": -1.0}, "guidance scale must be 0 or more"),
     ({"guidance_rescale": 2.0}, "guidance rescale must be between 0 and 1, got 2.0"),
     ({"images_dir": "/nonexistent/refs"}, "images folder /nonexistent/refs not found (--images-dir)"),
     ({"attack": {"pairs": 0}}, "attack: steps must be >= 0, pairs, restarts and check_every >= 1; got steps=50"),
     ({"attack": {"lr": -1.0}}, "attack: lr must be positive, got -1.0"),
     ({"attack": {"step": 3}}, "attack: DoRI.__init__() got an unexpected keyword argument 'step'"),
     ({"device": "gpu"}, "device 'gpu' is not a device"),
+    ({"method_params": {"nemo": {"theta": "3"}}, "stages": ["generate", "nemo"]}, "nemo.theta must be a number"),
+    ({"model": "SD"}, "metric 'sscd-nemo' needs a local SSCD TorchScript file"),  # SD's default metric
 ])
 def test_settings_that_cannot_run_are_refused_before_the_model_loads(tmp_path, monkeypatch, kwargs, message):
     import dori.analyses.demo as demo
 
     monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "SD").mkdir()  # a latent model's folder: its index names an AutoencoderKL
+    (tmp_path / "SD" / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderKL"]}')
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DoriError, match=re.escape(message)):
+        demo.run_demo(out=tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing recorded for a run that cannot run
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"guidance_scale": 0.0}, {"guidance_scale": 0.5}, {"seeds": range(2)}, {"seeds": [3]},
+    {"method_params": {"wanda": {"seeds": (0, 1), "sparsity": np.float32(0.1)}, "nemo": {"theta": np.float64(3)}}},
+    {"stages": ["detect"], "metric": "sscd-nemo"},  # detection alone scores no image: no SSCD file needed
+])
+def test_valid_settings_still_reach_the_model(tmp_path, monkeypatch, kwargs):
+    import dori.analyses.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
         demo.run_demo(out=tmp_path / "run", **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -176,6 +177,19 @@ def roc_plot(detection: list[dict], path: Path) -> None:
     _save_fig(fig, path)
 
 
+def _default_metric(model: str) -> str | None:
+    """The metric :func:`make_metric` would pick, when it can be told from the model's folder without
+    loading it (the VAE class in ``model_index.json``): pixel-ssim for a pixel-space model, else SSCD."""
+    from dori.models.loading import resolve_model_path
+
+    try:
+        index = Path(resolve_model_path(model)) / "model_index.json"
+        vae = json.loads(index.read_text())["vae"][1]
+    except (DoriError, OSError, ValueError, KeyError, IndexError, TypeError):
+        return None  # a hub id, or a folder without an index: told once it loads
+    return "pixel-ssim" if vae == "PixelIdentityVAE" else "sscd-nemo"
+
+
 def make_metric(name: str | None, pipe, sscd_path: str | None = None):
     """The replication metric: pixel-ssim for pixel-space models (the tiny one), SSCD-NeMo otherwise."""
     from dori.models.pixel_vae import PixelIdentityVAE
@@ -242,7 +256,7 @@ def _save_fig(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def _check_sizes(seeds, stages, num_inference_steps, guidance_scale, guidance_rescale, images_dir, attack) -> None:
+def _check_sizes(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack) -> None:
     """The run's settings that can be checked before anything loads: one clear error each."""
     from dori.attacks.dori import DoRI
 
@@ -252,16 +266,15 @@ def _check_sizes(seeds, stages, num_inference_steps, guidance_scale, guidance_re
         raise DoriError(f"stages: give at least one of {', '.join(STAGES)}")
     if num_inference_steps is not None and num_inference_steps < 1:
         raise DoriError(f"sampling steps must be 1 or more, got {num_inference_steps}")
-    if guidance_scale is not None and guidance_scale < 0:
-        raise DoriError(f"guidance scale must be 0 or more, got {guidance_scale}")
     if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
         raise DoriError(f"guidance rescale must be between 0 and 1, got {guidance_rescale}")
     if images_dir and not Path(images_dir).expanduser().is_dir():
         raise DoriError(f"images folder {images_dir} not found (--images-dir)")
-    try:
-        DoRI(**(attack or {}))  # its own value checks; the model's settings are checked once it loads
-    except (TypeError, ValueError) as e:
-        raise DoriError(f"attack: {e}") from None
+    if "bypass" in stages:  # DoRI's own value checks (its steps are the largest budget's, checked apart)
+        try:
+            DoRI(**{k: v for k, v in (attack or {}).items() if k != "steps"})
+        except (TypeError, ValueError) as e:
+            raise DoriError(f"attack: {e}") from None
 
 
 def run_demo(
@@ -366,11 +379,13 @@ def run_demo(
     if control_per_kind is not None and control_per_kind < 0:
         raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
     check_device(device)
-    _check_sizes(seeds, stages, num_inference_steps, guidance_scale, guidance_rescale, images_dir, attack)
-    if metric is not None:  # an SSCD metric's file, checked before the model loads (minutes on SD)
-        METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
-        if metric.startswith("sscd") and not (sscd_path and Path(sscd_path).expanduser().is_file()):
-            make_metric(metric, None, sscd_path)  # its own clear error, naming the flag or the missing file
+    _check_sizes(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack)
+    if "generate" in stages:  # the metric (detection alone needs none), checked before the model loads
+        if metric is not None:
+            METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
+        if (metric or _default_metric(model) or "").startswith("sscd") and not (
+                sscd_path and Path(sscd_path).expanduser().is_file()):
+            make_metric(metric or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
     if "bypass" in stages and (not budgets or min(budgets) < 0):
         raise DoriError(f"budgets must be DoRI step counts, 0 or more, at least one; got {list(budgets)}")
     if "nemo" in stages and stats_prompts:

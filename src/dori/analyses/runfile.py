@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import numbers
 import os
 import sys
 import types
@@ -55,21 +56,23 @@ def _run_hints() -> dict:
 
 
 def _accepts(hint, v) -> bool:
-    """Whether a TOML/JSON value fits a parameter's annotation (lists stand for sequences and tuples)."""
+    """Whether a value fits a parameter's annotation: a TOML/JSON value (lists stand for sequences and
+    tuples), or one from Python (a tuple or range, numpy numbers); a bool is never a number."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_accepts(a, v) for a in args)
     if hint is type(None):
         return v is None
     if origin in (Sequence, list, tuple):
-        return isinstance(v, list) and all(_accepts(args[0], x) for x in v) if args else isinstance(v, list)
+        seq = isinstance(v, (list, tuple, range))
+        return seq and all(_accepts(args[0], x) for x in v) if args else seq
     if origin is dict:
         return isinstance(v, dict) and all(_accepts(args[1], x) for x in v.values()) if args else isinstance(v, dict)
     if origin is not None:
         return isinstance(v, origin)
-    if hint is float:
-        return type(v) in (int, float)
-    return type(v) is hint if hint in (int, bool) else isinstance(v, hint)
+    if hint in (int, float):
+        return isinstance(v, numbers.Integral if hint is int else numbers.Real) and not isinstance(v, bool)
+    return type(v) is hint if hint is bool else isinstance(v, hint)
 
 
 def _describe(hint, plural: bool = False) -> str:

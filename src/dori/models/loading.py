@@ -70,15 +70,16 @@ def check_device(device: str | torch.device) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise DoriError(f"device {str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+        raise DoriError(f"device {str(device)!r} is not a device: use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
             raise DoriError(f"device {str(device)!r}: this PyTorch ({torch.__version__}) has no CUDA ({why}); "
                             "use --device cpu, or install a CUDA build of PyTorch on a machine with a GPU")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DoriError(f"device {str(device)!r}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
-                            f"cuda:{torch.cuda.device_count() - 1})")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DoriError(f"device {str(device)!r}: this process sees {n} GPU(s), cuda:0 to cuda:{n - 1} (a run "
+                            "of many processes gives each cuda:<local rank>: let each see every GPU)")
 
 
 def load_pipeline(

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dori.errors import DoriError
 from dori.models.generate import training_target
 from dori.models.loading import check_device
-from dori.zoo.tiny_data import RESOLUTION, TinyDataSpec, build_train_set
+from dori.zoo.tiny_data import LAYOUTS, RESOLUTION, TinyDataSpec, build_train_set
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,10 @@ class TrainConfig:
             ("steps", self.steps, self.steps >= 1, "1 or more"),
             ("batch_size", self.batch_size, self.batch_size >= 1, "1 or more"),
             ("lr", self.lr, self.lr > 0, "positive"),
+            ("warmup", self.warmup, self.warmup >= 0, "0 or more"),
+            ("caption_dropout", self.caption_dropout, 0 <= self.caption_dropout <= 1, "in [0, 1]"),
+            ("threads", self.threads, self.threads >= 1, "1 or more"),
+            ("procedural_layout", d.procedural_layout, d.procedural_layout in LAYOUTS, f"one of {', '.join(LAYOUTS)}"),
             ("latent_scale", self.latent_scale, self.latent_scale > 0, "positive"),
             ("ema_decay", self.ema_decay, self.ema_decay is None or 0 <= self.ema_decay < 1, "in [0, 1) or None (off)"),
             ("prediction_type", self.prediction_type, self.prediction_type in ("epsilon", "v_prediction"),
