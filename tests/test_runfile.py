@@ -227,7 +227,16 @@ def test_settings_that_cannot_run_are_refused_before_the_model_loads(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DoriError, match=re.escape(message)):
         demo.run_demo(out=tmp_path / "run", **kwargs)
-    assert not (tmp_path / "run" / "run.json").exists()  # nothing recorded for a run that cannot run
+    assert not (tmp_path / "run").exists()  # nothing recorded, no folder made, for a run that cannot run
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_clear_error(tmp_path, monkeypatch):
+    import dori.analyses.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DoriError, match="cannot make the run directory .*file: File exists"):
+        demo.run_demo(out=tmp_path / "file", stages=["generate"])
 
 
 @pytest.mark.parametrize("kwargs", [

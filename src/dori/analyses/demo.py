@@ -342,7 +342,6 @@ def run_demo(
 
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # local paths recorded absolute: `dori run OUT` resumes from any directory, with the same item keys
     model, images_dir, sscd_path = absolute_path(model, MODELS), absolute_path(images_dir), absolute_path(sscd_path)
     prompt_set, stats_prompts, control_prompts = (absolute_path(p, PROMPT_SETS)
@@ -423,6 +422,11 @@ def run_demo(
         if any(Path(path).resolve().is_relative_to((out / "masks" / w).resolve()) for w in written):
             raise DoriError(f"mask set {name!r}: {path} is a mask folder this run writes; copy the masks "
                             "elsewhere or write the run to another --out")
+    try:  # only now: a run refused above leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoriError(f"cannot make the run directory {out}: {e.strerror} ({e.filename}); give --out a folder "
+                        "you can write") from None
     shard = Shard.from_env(device)
     man["processes"] = shard.world
     if shard.main:
