@@ -145,3 +145,16 @@ def test_a_recipe_that_cannot_train_is_one_clear_error_before_anything_is_built(
     with pytest.raises(DoriError, match=re.escape(message)):
         train_tiny(cfg)
     assert not (tmp_path / "m").exists()
+
+
+def test_the_recipe_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """The trained model replaces --out when training ends: a folder of other files, or a file, is refused
+    before training starts, and left as it was."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    for out in ("mine", "file"):
+        with pytest.raises(DoriError, match="is not a tiny model this recipe wrote"):
+            train_tiny(TrainConfig(out=str(tmp_path / out), steps=1))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "file").read_text() == "keep me too"

@@ -234,6 +234,14 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
 
     cfg.check()  # before the training set is built
     check_device(cfg.device)
+    out = Path(cfg.out)  # replaced at the end: refuse now a folder holding anything else, or a file
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "dori_recipe.json").is_file())):
+        raise DoriError(f"--out {out} exists and is not a tiny model this recipe wrote (no dori_recipe.json): it "
+                        "would be replaced when training ends; give a new folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoriError(f"cannot write the model next to {out}: {e.strerror} ({e.filename})") from None
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
@@ -331,7 +339,6 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     unet.set_attn_processor(AttnProcessor2_0())  # save with diffusers' default processor
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    out = Path(cfg.out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
