@@ -156,5 +156,8 @@ def test_the_recipe_never_replaces_a_folder_it_did_not_write(tmp_path):
     for out in ("mine", "file"):
         with pytest.raises(DoriError, match="is not a tiny model this recipe wrote"):
             train_tiny(TrainConfig(out=str(tmp_path / out), steps=1))
+    (tmp_path / "link").symlink_to(tmp_path / "mine")  # rmtree refuses links: said before training, not after
+    with pytest.raises(DoriError, match="is a link"):
+        train_tiny(TrainConfig(out=str(tmp_path / "link"), steps=1))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "file").read_text() == "keep me too"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -234,7 +235,9 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
 
     cfg.check()  # before the training set is built
     check_device(cfg.device)
-    out = Path(cfg.out)  # replaced at the end: refuse now a folder holding anything else, or a file
+    out = Path(cfg.out).expanduser().absolute()  # replaced at the end: refuse now what could not be, or is not ours
+    if not out.name or out.is_symlink():
+        raise DoriError(f"--out {cfg.out} is {'a link' if out.name else 'the root'}: give a folder for the model")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "dori_recipe.json").is_file())):
         raise DoriError(f"--out {out} exists and is not a tiny model this recipe wrote (no dori_recipe.json): it "
                         "would be replaced when training ends; give a new folder")
@@ -242,6 +245,8 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DoriError(f"cannot write the model next to {out}: {e.strerror} ({e.filename})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise DoriError(f"cannot write the model in {out.parent}: give --out in a folder you can write")
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else TINY_PATH / "tokenizer"
