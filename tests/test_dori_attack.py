@@ -234,7 +234,7 @@ def test_attack_targets_are_the_references_at_the_models_resolution(tiny_pipe, t
     for name, w, h in (("small.png", 20, 10), ("large.png", 96, 64)):
         save_png(F.interpolate(ramp[None], size=(h, w), mode="area")[0], tmp_path / name)
     recs = [rec, *(replace(rec, reference=str(tmp_path / name)) for name in ("small.png", "large.png"))]
-    images = target_images(tiny_pipe, recs)
+    images = target_images(tiny_pipe, [load_reference(r) for r in recs])
     assert images.shape == (3, 3, 32, 32) and torch.equal(images[0], load_reference(rec))
     small, large = (load_reference(r) for r in recs[1:])  # as read back (8-bit)
     centre = small[..., :, 5:15][None]  # the 10 x 10 centre square of 20 x 10

@@ -67,6 +67,7 @@ def _named_paths(items: list[str]) -> dict[str, str]:
 PARAM_HELP = "mitigation parameter METHOD.KEY=VALUE, repeatable (e.g. wanda.sparsity=0.1, wanda.layer_group=value)"
 CONTROL_HELP = ("non-memorized prompts with reference images, the bypass's control for a prompt set without one "
                 "(e.g. NeMo's unmemorized_laion_prompts.csv)")
+CONTROL_IMAGES_HELP = "folder with the control prompts' reference images"
 
 
 @app.command()
@@ -96,7 +97,7 @@ def demo(
     per_prompt_fidelity: bool = typer.Option(False, help="also generate each non-memorized caption under one "
                                              "memorized caption's own mask (besides the joint mask)"),
     control_prompts: str = typer.Option(None, help=CONTROL_HELP),
-    control_images_dir: str = typer.Option(None, help="folder with the control prompts' reference images"),
+    control_images_dir: str = typer.Option(None, help=CONTROL_IMAGES_HELP),
 ):
     """Generate every caption over several seeds, measure replication, detect memorized prompts, mitigate
     them (NeMo, Wanda) and attack the mitigations with DoRI; write results.json and report.html."""
@@ -229,7 +230,7 @@ def attack(
     sscd: str = typer.Option(None),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
     control_prompts: str = typer.Option(None, help=CONTROL_HELP),
-    control_images_dir: str = typer.Option(None, help="folder with the control prompts' reference images"),
+    control_images_dir: str = typer.Option(None, help=CONTROL_IMAGES_HELP),
     device: str = typer.Option("cpu"),
 ):
     """The bypass benchmark: mitigate, then attack each memorized image with DoRI through the mitigation;

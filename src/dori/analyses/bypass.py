@@ -82,7 +82,7 @@ def early_stop_info(attack: DoRI, metric: ReplicationMetric, gen_kwargs: dict, s
             "generation": dict(gen_kwargs)}
 
 
-def target_images(pipe, recs: Sequence[PromptRecord]) -> torch.Tensor:
+def target_images(pipe, references: Sequence[torch.Tensor]) -> torch.Tensor:
     """The attack's targets, ``T x 3 x R x R`` at the model's resolution R: each reference cropped to its
     centre square and resized (area when shrinking, bicubic when enlarging; dori's choice, close to how
     SD's training crops were made). A reference already R x R is used as it is (the tiny model's photos)."""
@@ -92,8 +92,7 @@ def target_images(pipe, recs: Sequence[PromptRecord]) -> torch.Tensor:
 
     res = model_resolution(pipe)
     out = []
-    for rec in recs:
-        img = load_reference(rec)
+    for img in references:
         side = min(img.shape[-2:])
         if side >= res:
             img = resize_square(img, res)
@@ -114,7 +113,8 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
     ``process``: the process of the run that computes them, recorded with them.
     """
     paths = [run_dir / "triggers" / setting / f"{slug(r.caption)}.safetensors" for r in recs]
-    images = target_images(pipe, recs)
+    references = [load_reference(r) for r in recs]
+    images = target_images(pipe, references)
     # the target images' pixels are in the key: a run started again with other reference images attacks them
     key = {"attack": attack.params(), "budgets": list(budgets), "seed": seed, "group": [r.caption for r in recs],
            "model": model_id(pipe), "mask": mask.digest() if mask is not None else None,
@@ -127,7 +127,7 @@ def _attack_group(pipe, attack: DoRI, recs: list[PromptRecord], setting: str, bu
         return {b: {r.caption: t[f"budget_{b}"] for r, t in zip(recs, loaded, strict=True)} for b in budgets}
     stored_only(f"triggers (setting {setting!r}) of {[r.caption[:40] for r in recs]}")
     # the early stop scores against the references as the evaluation does (not the resized targets)
-    check = early[0]([load_reference(r) for r in recs]) if early is not None else None
+    check = early[0](references) if early is not None else None
     res = attack.attack(pipe, images, prompts=[r.caption for r in recs], seed=seed, snapshots=tuple(budgets),
                         check=check)
     loss = torch.tensor(res.loss) if res.loss else torch.zeros(1, len(res.target_index))

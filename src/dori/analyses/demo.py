@@ -256,7 +256,7 @@ def _save_fig(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def _check_sizes(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack) -> None:
+def _check_settings(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack) -> None:
     """The run's settings that can be checked before anything loads: one clear error each."""
     from dori.attacks.dori import DoRI
 
@@ -378,7 +378,7 @@ def run_demo(
     if control_per_kind is not None and control_per_kind < 0:
         raise DoriError(f"control_per_kind must be 0 or more (None: all), got {control_per_kind}")
     check_device(device)
-    _check_sizes(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack)
+    _check_settings(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack)
     if "generate" in stages:  # the metric (detection alone needs none), checked before the model loads
         if metric is not None:
             METRICS.entry(metric)  # an unknown name: one error with a did-you-mean

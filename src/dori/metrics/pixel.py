@@ -21,7 +21,6 @@ distractor scores are 0.17-0.45 (docs/metrics.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from functools import lru_cache
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from dori.metrics.base import ReplicationMetric
-from dori.reports.results import cache_dir, tensor_digest, write_json
+from dori.reports.results import ItemStore, cache_dir, tensor_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,8 @@ class PixelSSIM(ReplicationMetric):
         the pool, the versions of scikit-image and scipy (its filters), the SSIM settings, the same-image
         bound and the metric's version."""
         ref = resize_square(reference.detach().float().cpu(), size)
-        key = _digest([_pool_digest(size), tensor_digest(ref), skimage.__version__, scipy.__version__, _SSIM_KW,
-                       SAME_IMAGE_SSIM, self.version])
+        key = ItemStore.key(_pool_digest(size), tensor_digest(ref), skimage.__version__, scipy.__version__, _SSIM_KW,
+                            SAME_IMAGE_SSIM, self.version)
         known = _known_distractor_scores()
         if key not in known:
             s = self.pairwise(_distractor_pool(size), [ref])[:, 0]
@@ -114,10 +113,6 @@ class PixelSSIM(ReplicationMetric):
 _DISTRACTOR_SCORES: dict[str, float] = {}  # this process's, and those read from the cache file once
 _DISTRACTORS_FILE = "pixel_ssim_distractors.json"
 _UNWRITABLE: list[str] = []  # the write errors already warned about (each once)
-
-
-def _digest(data) -> str:
-    return hashlib.sha1(data if isinstance(data, bytes) else json.dumps(data).encode()).hexdigest()
 
 
 def _stored_distractor_scores() -> dict[str, float]:
@@ -149,7 +144,7 @@ def _store_distractor_scores(known: dict[str, float]) -> None:
 
 @lru_cache(maxsize=2)
 def _pool_digest(size: int) -> str:
-    return _digest(_distractor_pool(size).numpy().tobytes())
+    return tensor_digest(_distractor_pool(size))
 
 
 @lru_cache(maxsize=2)
