@@ -1,7 +1,9 @@
 """A shortened run of the tiny model's recipe produces a loadable, working pipeline."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +149,7 @@ def test_a_recipe_that_cannot_train_is_one_clear_error_before_anything_is_built(
     assert not (tmp_path / "m").exists()
 
 
-def test_the_recipe_never_replaces_a_folder_it_did_not_write(tmp_path):
+def test_the_recipe_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):
     """The trained model replaces --out when training ends: a folder of other files, or a file, is refused
     before training starts, and left as it was."""
     (tmp_path / "mine").mkdir()
@@ -159,5 +161,9 @@ def test_the_recipe_never_replaces_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "mine")  # rmtree refuses links: said before training, not after
     with pytest.raises(DoriError, match="is a link"):
         train_tiny(TrainConfig(out=str(tmp_path / "link"), steps=1))
+    real_access = os.access  # a folder this user cannot read or write (as root, chmod would not show it)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "mine" and real_access(p, mode))
+    with pytest.raises(DoriError, match="is a folder you cannot read or write"):
+        train_tiny(TrainConfig(out=str(tmp_path / "mine"), steps=1))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "file").read_text() == "keep me too"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -427,6 +428,8 @@ def run_demo(
     except OSError as e:
         raise DoriError(f"cannot make the run directory {out}: {e.strerror} ({e.filename}); give --out a folder "
                         "you can write") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # an existing folder of someone else's, or read-only
+        raise DoriError(f"cannot write in the run directory {out}: give --out a folder you can write")
     shard = Shard.from_env(device)
     man["processes"] = shard.world
     if shard.main:

@@ -238,6 +238,8 @@ def train_tiny(cfg: TrainConfig, tokenizer_dir: str | Path | None = None) -> Pat
     out = Path(cfg.out).expanduser().absolute()  # replaced at the end: refuse now what could not be, or is not ours
     if not out.name or out.is_symlink():
         raise DoriError(f"--out {cfg.out} is {'a link' if out.name else 'the root'}: give a folder for the model")
+    if out.is_dir() and not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise DoriError(f"--out {out} is a folder you cannot read or write: give a folder for the model")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "dori_recipe.json").is_file())):
         raise DoriError(f"--out {out} exists and is not a tiny model this recipe wrote (no dori_recipe.json): it "
                         "would be replaced when training ends; give a new folder")
