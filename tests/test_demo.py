@@ -221,7 +221,7 @@ def _sd_shaped_pipeline(folder):
                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                   attention_head_dim=8, norm_num_groups=8),
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False),
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),  # as SD v1.4's
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(folder)
 

@@ -129,6 +129,20 @@ def test_memorization_rate_aggregations():
         memorization_rate(rows, "max")
 
 
+def test_bypass_aggregates_keep_budgets_apart():
+    from dori.analyses.demo import aggregate
+
+    def row(stage, setting, budget, replicated):
+        return {"stage": stage, "setting": setting, "budget": budget, "kind": "memorized", "caption": "a",
+                "seed": 0, "replicated": replicated, "score": 0.9 if replicated else 0.1}
+
+    agg = aggregate([row("mitigate", "nemo", 0, False), row("bypass", "nemo+dori", 0, False),
+                     row("bypass", "nemo+dori", 50, True), row("bypass", "nemo+random", 50, False)])
+    assert {k: v["mr"] for k, v in agg.items()} == {
+        "mitigate/nemo/memorized": 0.0, "bypass/nemo+dori@0/memorized": 0.0,
+        "bypass/nemo+dori@50/memorized": 1.0, "bypass/nemo+random@50/memorized": 0.0}
+
+
 def test_procedural_check_reads_colour_shape_and_an_optional_background():
     import numpy as np
 

@@ -208,10 +208,13 @@ def make_metric(name: str | None, pipe, sscd_path: str | None = None):
 
 
 def aggregate(samples: list[dict]) -> dict:
+    """Replication per stage, setting and kind; the bypass's per budget too (its rows at 0 and 50 steps
+    describe different images)."""
     groups = defaultdict(list)
     for s in samples:
         if s["score"] is not None:
-            groups[f"{s['stage']}/{s['setting']}/{s['kind']}"].append(s)
+            setting = f"{s['setting']}@{s['budget']}" if s["stage"] == "bypass" else s["setting"]
+            groups[f"{s['stage']}/{setting}/{s['kind']}"].append(s)
     return {k: summarize(v) for k, v in groups.items()}
 
 

@@ -81,7 +81,7 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
     for s in samples:
         if s["stage"] == "bypass":
             by[(s["setting"], s["budget"], s["caption"])].append(s)
-    settings = sorted({k[0].rsplit("+", 1)[0] for k in by})
+    settings = sorted({k[0].rsplit("+", 1)[0] for k in by}, key=lambda m: (m == "none", m))  # control last
 
     def cells(rs):
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -89,7 +89,8 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
 
     for m in settings:
         caps = list(dict.fromkeys(k[2] for k in by if k[0] == f"{m}+dori"))
-        out.append(f"<h3>{html.escape(m)}: original prompt vs DoRI trigger ({top} steps)</h3>")
+        name = "the non-memorized control, unmitigated" if m == "none" else html.escape(m)
+        out.append(f"<h3>{name}: original prompt vs DoRI trigger ({top} steps)</h3>")
         out.append(f"<table><tr><th>caption</th><th>kind</th><th>reference</th><th>{html.escape(m)}, original prompt"
                    f"</th><th>{html.escape(m)} + DoRI</th><th>{html.escape(m)} + random</th></tr>")
         for c in caps:

@@ -8,7 +8,7 @@ Schema (``schema_version`` 2: ``detection`` became a list, one entry per detecto
       "samples": [ {stage, setting, budget, caption, kind, seed, image, reference, score, threshold,
                     replicated, metric, ...extra fields} ],
       "aggregates": { "<stage>/<setting>/<kind>": {n_samples, n_images, score_mean, score_std,
-                      score_median, score_mad, mr, mr_any_seed}, ... },
+                      score_median, score_mad, mr, mr_any_seed}, ... },  # bypass: "<setting>@<budget>"
       "metric": {"name", "threshold", "distractors"} or null (no image generated, e.g. ``dori detect``),
       "detection": [ {name, detector, scores, auroc, tpr_at_1pct_fpr, roc, ...} ],
       ... other stage-specific sections
