@@ -242,7 +242,7 @@ def test_an_out_that_cannot_be_a_folder_is_one_clear_error(tmp_path, monkeypatch
     (tmp_path / "theirs").mkdir()  # an existing folder this user cannot write (as root, chmod would not show it)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "theirs" and real_access(p, mode))
-    with pytest.raises(DoriError, match="cannot write in the run directory .*theirs: give --out a folder you can"):
+    with pytest.raises(DoriError, match="cannot read and write in the run directory .*theirs: give --out a folder"):
         demo.run_demo(out=tmp_path / "theirs", stages=["generate"])
 
 

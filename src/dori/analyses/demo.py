@@ -431,8 +431,8 @@ def run_demo(
     except OSError as e:
         raise DoriError(f"cannot make the run directory {out}: {e.strerror} ({e.filename}); give --out a folder "
                         "you can write") from None
-    if not os.access(out, os.W_OK | os.X_OK):  # an existing folder of someone else's, or read-only
-        raise DoriError(f"cannot write in the run directory {out}: give --out a folder you can write")
+    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):  # an existing folder of someone else's, or read-only
+        raise DoriError(f"cannot read and write in the run directory {out}: give --out a folder you can write")
     shard = Shard.from_env(device)
     man["processes"] = shard.world
     if shard.main:
