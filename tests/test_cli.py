@@ -168,6 +168,40 @@ def test_train_tiny_options_reach_the_recipe_and_unset_ones_keep_its_defaults(mo
     assert r.exit_code == 2 and "anywhere, centred" in r.output and len(seen) == 2
 
 
+def test_a_file_this_user_cannot_write_is_one_clear_error(tmp_path, dori_cli, monkeypatch):
+    import dori.analyses.demo as demo
+
+    def denied(**kwargs):  # e.g. an item folder of the run made by another user
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "items" / "a.json"))
+
+    monkeypatch.setattr(demo, "run_demo", denied)
+    r = dori_cli("demo", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    denied_file = tmp_path / "run" / "items" / "a.json"
+    assert f"Permission denied: {denied_file}; run as a user who" in " ".join(r.stderr.split())
+
+
+def test_brackets_in_messages_and_names_are_printed_as_written(tmp_path, dori_cli, monkeypatch):
+    """rich reads "[x]" as markup and drops it: an install hint `dori[parquet]` became `dori`."""
+    import dori.analyses.demo as demo
+    from dori.errors import DoriError
+
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: (_ for _ in ()).throw(DoriError("pip install dori[parquet]")))
+    r = dori_cli("demo", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "pip install dori[parquet]" in r.stderr
+    row = {"n_images": 1, "mr": 1.0, "mr_any_seed": 1.0, "score_mean": 0.7, "score_std": 0.0}
+    res = {"aggregates": {"bypass/mine[v2]+dori@50/memorized": row}, "metric": {"name": "pixel-ssim", "threshold": 0.5},
+           "bypass": {"attack": "DoRI(steps=50)", "table": [{"setting": "mine[v2] + DoRI", **row}],
+                      "curves": {"mine[v2]+dori memorized": {"budget": [50], "mr": [1.0]}}},
+           "manifest": {"seconds": 1.0, "attack_timing": {"n": 0}}}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: res)
+    r = dori_cli("demo", "--out", str(tmp_path / "run[1]"))
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    for text in ("mine[v2]+dori@50", "mine[v2] + DoRI", "MR vs steps, mine[v2]+dori memorized", "run[1]"):
+        assert text in out, text
+
+
 def test_run_file_errors_are_one_line(tmp_path, dori_cli):
     f = tmp_path / "study.toml"
     f.write_text('out = "o"\nseed = [0]\n')

@@ -143,6 +143,24 @@ def test_bypass_aggregates_keep_budgets_apart():
         "bypass/nemo+dori@50/memorized": 1.0, "bypass/nemo+random@50/memorized": 0.0}
 
 
+def test_the_reports_bypass_rows_put_the_control_last_and_name_what_they_hold():
+    from dori.reports.html import _bypass_section
+
+    def row(setting, budget, caption, kind):
+        return {"stage": "bypass", "setting": setting, "budget": budget, "caption": caption, "kind": kind,
+                "seed": 0, "image": f"{setting}-{budget}.png", "reference": "ref.png", "replicated": False,
+                "score": 0.1, "threshold": 0.5}
+
+    b = {"budgets": [0, 50], "attack": "DoRI", "table": []}
+    control = [row(f"none+{a}", n, "a clock", "held_out") for a, n in (("dori", 0), ("dori", 50), ("random", 50))]
+    wanda = [row(f"wanda+{a}", n, "a cat", "memorized") for a, n in (("dori", 0), ("dori", 50), ("random", 50))]
+    page = _bypass_section(b, control + wanda, None)
+    assert page.index("<h3>wanda:") < page.index("<h3>the non-memorized control, unmitigated:")
+    as_is = [row(f"none+{a}", n, "a cat", "memorized") for a, n in (("dori", 0), ("dori", 50), ("random", 50))]
+    page = _bypass_section(b, control + as_is, None)  # --mitigation none: the model as it is
+    assert "<h3>the model as it is: memorized targets and the non-memorized control:" in page
+
+
 def test_procedural_check_reads_colour_shape_and_an_optional_background():
     import numpy as np
 

@@ -161,9 +161,11 @@ def test_the_recipe_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypat
     (tmp_path / "link").symlink_to(tmp_path / "mine")  # rmtree refuses links: said before training, not after
     with pytest.raises(DoriError, match="is a link"):
         train_tiny(TrainConfig(out=str(tmp_path / "link"), steps=1))
-    real_access = os.access  # a folder this user cannot read or write (as root, chmod would not show it)
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "mine" and real_access(p, mode))
+    (tmp_path / "old").mkdir()  # an earlier model of the recipe, in a folder this user cannot write: it would
+    (tmp_path / "old" / "dori_recipe.json").write_text("{}")  # fail only when replaced, after the training
+    real_access = os.access  # (as root, chmod would not show it)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "old" and real_access(p, mode))
     with pytest.raises(DoriError, match="is a folder you cannot read or write"):
-        train_tiny(TrainConfig(out=str(tmp_path / "mine"), steps=1))
+        train_tiny(TrainConfig(out=str(tmp_path / "old"), steps=1))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "file").read_text() == "keep me too"

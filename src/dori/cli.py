@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dori.analyses.runfile import RUN_DEFAULTS
@@ -19,6 +20,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 zoo = typer.Typer(no_args_is_help=True, help="Build the embedded tiny model and its pieces.")
 app.add_typer(zoo, name="zoo")
 console = Console(stderr=True, soft_wrap=True)
+
+
+def _say(*objects, **kwargs) -> None:
+    """Print to stdout as written: captions, mask names and paths may hold brackets that rich would read as
+    its markup (``[attack]``, ``dori[parquet]``) and drop."""
+    Console(markup=False).print(*objects, **kwargs)
 
 
 def _csv(values) -> str:
@@ -141,7 +148,7 @@ def _print_replication(res: dict) -> None:
         table.add_column(col)
     for k, v in res["aggregates"].items():
         table.add_row(k, str(v["n_images"]), f"{v['score_mean']:.3f} ± {v['score_std']:.3f}", f"{v['mr']:.2f}")
-    Console().print(table)
+    _say(table)
 
 
 def _print_analyses(res: dict, out: Path) -> None:
@@ -150,21 +157,21 @@ def _print_analyses(res: dict, out: Path) -> None:
     if "procedural" in res:
         p = res["procedural"]
         bg = "" if p["background_accuracy"] is None else f"background {p['background_accuracy']:.2f}, "
-        Console().print(f"procedural captions: colour {p['color_accuracy']:.2f}, shape {p['shape_accuracy']:.2f}, "
-                        f"{bg}all named attributes {p['all_accuracy']:.2f}")
+        _say(f"procedural captions: colour {p['color_accuracy']:.2f}, shape {p['shape_accuracy']:.2f}, "
+             f"{bg}all named attributes {p['all_accuracy']:.2f}")
     for d in res.get("detection", []):
         line = f"detection ({d['name']}): AUROC {d['auroc']:.3f}, TPR@1%FPR {d['tpr_at_1pct_fpr']:.2f}"
         if "threshold" in d:
             line += (f"; above threshold {d['threshold']}: memorized {d['flagged_memorized']:.2f}, "
                      f"others {d['flagged_others']:.2f}")
-        Console().print(line)
+        _say(line)
     for name, mres in res.get("mitigations", {}).items():
         sm = mres["summary"]
         fid = sm["non_memorized_similarity_to_unmitigated"]
         own = sm.get("non_memorized_similarity_per_prompt_mask")
-        Console().print(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
-                        f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {similarity(fid)} "
-                        f"(joint mask)" + (f", {similarity(own)} (one prompt's own mask)" if own else ""))
+        _say(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
+             f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {similarity(fid)} "
+             f"(joint mask)" + (f", {similarity(own)} (one prompt's own mask)" if own else ""))
     if "bypass" in res:
         b = res["bypass"]
         table = Table(title=f"bypass benchmark: {b['attack']}")
@@ -173,14 +180,14 @@ def _print_analyses(res: dict, out: Path) -> None:
         for r in b["table"]:
             table.add_row(r["setting"], str(r["n_images"]), f"{r['mr']:.2f}", f"{r['mr_any_seed']:.2f}",
                           f"{r['score_mean']:.3f} ± {r['score_std']:.3f}")
-        Console().print(table)
+        _say(table)
         for label, c in b["curves"].items():
-            Console().print(f"MR vs steps, {label}: " + ", ".join(f"{s}: {v:.2f}" for s, v in
-                                                                 zip(c["budget"], c["mr"], strict=True)))
+            _say(f"MR vs steps, {label}: " + ", ".join(f"{s}: {v:.2f}" for s, v in
+                                                      zip(c["budget"], c["mr"], strict=True)))
         t = res["manifest"]["attack_timing"]
         if t["n"]:
-            Console().print(f"attack time per target image: {t['mean_seconds_per_image']:.1f} s (n={t['n']})")
-    Console().print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
+            _say(f"attack time per target image: {t['mean_seconds_per_image']:.1f} s (n={t['n']})")
+    _say(f"wrote {out / 'results.json'} and {out / 'report.html'} in {res['manifest']['seconds']:.0f} s")
 
 
 @app.command()
@@ -338,13 +345,13 @@ def ls():
         table.add_column("description")
         for e in reg:
             table.add_row(e.name, e.description)
-        Console().print(table)
+        _say(table)
     table = Table(title="layer groups", title_justify="left")
     table.add_column("name")
     table.add_column("description")
     for name, (_, desc) in LAYER_GROUPS.items():
         table.add_row(name, desc)
-    Console().print(table)
+    _say(table)
 
 
 @zoo.command("train-tiny")
@@ -390,7 +397,7 @@ def train_tiny_cmd(
         if value is not None:  # unset options keep the shipped recipe's data
             setattr(cfg.data, name, value)
     train_tiny(cfg)
-    Console().print(f"saved {out}")
+    _say(f"saved {out}")
 
 
 @zoo.command("build-tokenizer")
@@ -402,7 +409,7 @@ def build_tokenizer_cmd(
     from dori.models.tokenizer import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(bpe, out)
-    Console().print(f"wrote {out}")
+    _say(f"wrote {out}")
 
 
 @zoo.command("calibrate-pixel")
@@ -415,9 +422,9 @@ def calibrate_pixel_cmd(
 
     res = calibrate_pixel_threshold(model, _ints(seeds))
     for name, score in res.pop("distractor_scores").items():
-        Console().print(f"distractor score {score:.3f}  {name}", highlight=False)
+        _say(f"distractor score {score:.3f}  {name}", highlight=False)
     for k, v in res.items():
-        Console().print(f"{k}: {v}")
+        _say(f"{k}: {v}")
 
 
 QUIET_LOGGERS = ("httpx", "diffusers", "transformers")  # only their errors reach the terminal
@@ -437,7 +444,11 @@ def main() -> None:
     try:
         app()
     except DoriError as e:
-        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)  # "[attack]", "dori[x]"
+        sys.exit(2)
+    except PermissionError as e:  # a file or folder of someone else's met mid-run (e.g. inside a run folder)
+        console.print(f"[bold red]error:[/] {escape(f'{e.strerror}: {e.filename}')}; run as a user who can read "
+                      "and write it, or give another --out", markup=True, highlight=False)
         sys.exit(2)
     except SystemExit as e:  # how app() always ends (click's standalone mode), --help included
         # leave the process group on a clean exit only: after an error the launcher ends the other

@@ -381,10 +381,11 @@ def plot_bypass(bypass: dict, samples: Sequence[dict], threshold: float, plot_di
     for s in samples:
         if s["stage"] == "bypass" and s["score"] is not None and s["budget"] in (0, top):
             kind = "memorized" if s["kind"] in MEMORIZED_KINDS else "non-memorized"
-            groups[(s["setting"].startswith("none+"), s["setting"], s["budget"], kind)].append(s["score"])
+            # the table's order: mitigations, then the model as it is (memorized targets, then the control)
+            groups[(s["setting"].startswith("none+"), kind, s["setting"], s["budget"])].append(s["score"])
     fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1.3 * len(groups) + 0.6), dpi=100, sharex=True,
                              squeeze=False)
-    for ax, ((_, setting, budget, kind), scores) in zip(axes[:, 0], sorted(groups.items()), strict=True):
+    for ax, ((_, kind, setting, budget), scores) in zip(axes[:, 0], sorted(groups.items()), strict=True):
         ax.hist(scores, bins=24, range=(-0.2, 1.0), color="tab:blue", alpha=0.7)
         ax.axvline(threshold, color="k", ls="--", lw=1)
         ax.set_ylabel(f"{setting} @{budget}\n({kind}, n={len(scores)})", rotation=0, ha="right", va="center",

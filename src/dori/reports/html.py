@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from dori.data.prompts import MEMORIZED_KINDS
 from dori.reports.results import write_atomic
 
 _CSS = """
@@ -89,7 +90,11 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
 
     for m in settings:
         caps = list(dict.fromkeys(k[2] for k in by if k[0] == f"{m}+dori"))
-        name = "the non-memorized control, unmitigated" if m == "none" else html.escape(m)
+        name = html.escape(m)
+        if m == "none":  # the control; with --mitigation none, the memorized targets on the model as it is too
+            memorized = any(k[0] == "none+dori" and rs[0]["kind"] in MEMORIZED_KINDS for k, rs in by.items())
+            name = ("the model as it is: memorized targets and the non-memorized control" if memorized
+                    else "the non-memorized control, unmitigated")
         out.append(f"<h3>{name}: original prompt vs DoRI trigger ({top} steps)</h3>")
         out.append(f"<table><tr><th>caption</th><th>kind</th><th>reference</th><th>{html.escape(m)}, original prompt"
                    f"</th><th>{html.escape(m)} + DoRI</th><th>{html.escape(m)} + random</th></tr>")
@@ -130,9 +135,10 @@ def render_report(run_dir: str | Path) -> Path:
         parts.append(_table(agg_rows, ["stage/setting/kind", "n_images", "n_samples", "score_mean", "score_std",
                                        "score_median", "score_mad", "mr", "mr_any_seed"]))
         parts.append("<p class='muted'>MR: mean over images of the fraction of seeds whose score exceeds the "
-                     "threshold; mr_any_seed counts an image once any seed replicates. For captions without a "
-                     "reference image (procedural, unseen) the score is the best match among all reference "
-                     "photos of the set: any replication there is regurgitation.</p>")
+                     "threshold; mr_any_seed counts an image once any seed replicates; bypass rows are per "
+                     "attack budget (@steps). For captions without a reference image (procedural, unseen) the "
+                     "score is the best match among all reference photos of the set: any replication there is "
+                     "regurgitation.</p>")
     if "procedural" in res:
         parts.append("<h2>Procedural captions: named colour and shape</h2>")
         shown = {k: v for k, v in res["procedural"].items() if v is not None}  # None: attribute never named

@@ -1,9 +1,10 @@
 """results.json: the single source of truth of a run; written atomically, assembled from per-item files.
 
-Schema (``schema_version`` 2: ``detection`` became a list, one entry per detector)::
+Schema (``schema_version`` 3: bypass aggregates per budget; 2: ``detection`` became a list, one entry per
+detector)::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "manifest": {"command", "config", "versions", "git", "seeds", "started", "finished", "seconds"},
       "samples": [ {stage, setting, budget, caption, kind, seed, image, reference, score, threshold,
                     replicated, metric, ...extra fields} ],
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def cache_dir() -> Path:
