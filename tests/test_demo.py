@@ -162,6 +162,15 @@ def test_bypass_killed_midway_resumes_to_the_same_results(demo_run, monkeypatch)
     assert again["bypass"]["table"] == res["bypass"]["table"]
 
 
+def test_prompts_without_reference_images_are_generated_and_said_unscored(tmp_path, caplog):
+    (tmp_path / "p.txt").write_text("a [red] car at night\n")  # a plain prompt list: no reference image
+    res = run_demo(out=tmp_path / "run", prompt_set=tmp_path / "p.txt", stages=["generate"], seeds=(0,))
+    assert [(s["caption"], s["score"]) for s in res["samples"]] == [("a [red] car at night", None)]
+    assert (tmp_path / "run" / res["samples"][0]["image"]).is_file()
+    assert res["plots"] == [] and not (tmp_path / "run" / "plots").exists()  # no empty histogram
+    assert "none of the 1 generations was scored" in caplog.text
+
+
 def test_write_json_is_atomic(tmp_path):
     p = tmp_path / "r.json"
     write_json(p, {"a": 1})

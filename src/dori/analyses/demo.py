@@ -467,6 +467,10 @@ def run_demo(
     store = ItemStore(out)
     samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen, shard=shard) \
         if "generate" in stages else []
+    scored = any(s["score"] is not None for s in samples)
+    if samples and not scored:
+        log.warning("no caption of this prompt set has a reference image, so none of the %d generations was "
+                    "scored (they are in %s)", len(samples), out / "images")
     results = {
         "schema_version": SCHEMA_VERSION,
         "manifest": man,
@@ -474,7 +478,7 @@ def run_demo(
                    "distractors": bool(getattr(m, "distractors", False))} if m else None,
         "prompts": [r.to_dict() for r in records] + [r.to_dict() | {"control": True} for r in control_set],
         "samples": samples,
-        "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if samples else [],
+        "plots": [{"title": "Replication scores by kind", "path": "plots/scores.png"}] if scored else [],
     }
     if "detect" in stages and not both:
         log.warning("detection skipped: it compares memorized with other prompts and this set has only one kind")
@@ -528,7 +532,7 @@ def run_demo(
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     man["seconds"] = round(time.time() - t0, 1)
     if shard.main:
-        if samples:
+        if scored:
             score_histogram(samples, m.threshold, out / "plots" / "scores.png")
         write_json(out / "results.json", results)
         render_report(out)
