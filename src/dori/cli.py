@@ -15,9 +15,10 @@ from rich.table import Table
 from dori.analyses.runfile import RUN_DEFAULTS
 from dori.errors import DoriError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", no_args_is_help=True,  # help paragraphs reflowed
                   help="dori: does this diffusion model still retain its memorized training images?")
-zoo = typer.Typer(no_args_is_help=True, help="Build the embedded tiny model and its pieces.")
+zoo = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Build the embedded tiny model and its pieces.")
 app.add_typer(zoo, name="zoo")
 console = Console(stderr=True, soft_wrap=True)
 
