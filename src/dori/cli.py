@@ -448,8 +448,9 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)  # "[attack]", "dori[x]"
         sys.exit(2)
     except PermissionError as e:  # a file or folder of someone else's met mid-run (e.g. inside a run folder)
-        console.print(f"[bold red]error:[/] {escape(f'{e.strerror}: {e.filename}')}; run as a user who can read "
-                      "and write it, or give another --out", markup=True, highlight=False)
+        what = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+        console.print(f"[bold red]error:[/] {escape(what)}; run as a user who can read and write it, or give "
+                      "another --out", markup=True, highlight=False)
         sys.exit(2)
     except SystemExit as e:  # how app() always ends (click's standalone mode), --help included
         # leave the process group on a clean exit only: after an error the launcher ends the other
