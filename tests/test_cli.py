@@ -179,6 +179,9 @@ def test_a_file_this_user_cannot_write_is_one_clear_error(tmp_path, dori_cli, mo
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     denied_file = tmp_path / "run" / "items" / "a.json"
     assert f"Permission denied: {denied_file}; run as a user who" in " ".join(r.stderr.split())
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    r = dori_cli("demo", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "error: [Errno 13] Permission denied; run as a user who" in r.stderr
 
 
 def test_brackets_in_messages_and_names_are_printed_as_written(tmp_path, dori_cli, monkeypatch):
@@ -195,11 +198,12 @@ def test_brackets_in_messages_and_names_are_printed_as_written(tmp_path, dori_cl
                       "curves": {"mine[v2]+dori memorized": {"budget": [50], "mr": [1.0]}}},
            "manifest": {"seconds": 1.0, "attack_timing": {"n": 0}}}
     monkeypatch.setattr(demo, "run_demo", lambda **kw: res)
-    r = dori_cli("demo", "--out", str(tmp_path / "run[1]"))
+    r = dori_cli("demo", "--out", str(tmp_path / "run[v1]"))
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())
-    for text in ("mine[v2]+dori@50", "mine[v2] + DoRI", "MR vs steps, mine[v2]+dori memorized", "run[1]"):
+    for text in ("mine[v2]+dori@50", "mine[v2] + DoRI", "MR vs steps, mine[v2]+dori memorized"):
         assert text in out, text
+    assert f"wrote {tmp_path / 'run[v1]' / 'results.json'} and" in r.stdout  # on one line, however long
 
 
 def test_run_file_errors_are_one_line(tmp_path, dori_cli):

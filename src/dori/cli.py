@@ -26,7 +26,7 @@ console = Console(stderr=True, soft_wrap=True)
 def _say(*objects, **kwargs) -> None:
     """Print to stdout as written: captions, mask names and paths may hold brackets that rich would read as
     its markup (``[attack]``, ``dori[parquet]``) and drop."""
-    Console(markup=False).print(*objects, **kwargs)
+    Console(markup=False, soft_wrap=True).print(*objects, **kwargs)  # paths unbroken; tables still fit
 
 
 def _csv(values) -> str:
@@ -146,7 +146,7 @@ def _print_results(res: dict, out: Path) -> None:
 def _print_replication(res: dict) -> None:
     table = Table(title=f"replication ({res['metric']['name']}, threshold {res['metric']['threshold']})")
     for col in ("stage/setting/kind", "images", "score mean ± std", "MR"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # long names fold, never cut
     for k, v in res["aggregates"].items():
         table.add_row(k, str(v["n_images"]), f"{v['score_mean']:.3f} ± {v['score_std']:.3f}", f"{v['mr']:.2f}")
     _say(table)
@@ -177,7 +177,7 @@ def _print_analyses(res: dict, out: Path) -> None:
         b = res["bypass"]
         table = Table(title=f"bypass benchmark: {b['attack']}")
         for col in ("setting", "images", "MR", "MR any seed", "score mean ± std"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for r in b["table"]:
             table.add_row(r["setting"], str(r["n_images"]), f"{r['mr']:.2f}", f"{r['mr_any_seed']:.2f}",
                           f"{r['score_mean']:.3f} ± {r['score_std']:.3f}")
@@ -448,9 +448,11 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)  # "[attack]", "dori[x]"
         sys.exit(2)
     except PermissionError as e:  # a file or folder of someone else's met mid-run (e.g. inside a run folder)
-        what = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
-        console.print(f"[bold red]error:[/] {escape(what)}; run as a user who can read and write it, or give "
-                      "another --out", markup=True, highlight=False)
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        what = f"{e.strerror or e}: {files}" if files else str(e)
+        console.print(f"[bold red]error:[/] {escape(what)}; run as a user who can read and write it, or use "
+                      "another folder (--out for a run's files, DORI_CACHE for dori's cache)", markup=True,
+                      highlight=False)
         sys.exit(2)
     except SystemExit as e:  # how app() always ends (click's standalone mode), --help included
         # leave the process group on a clean exit only: after an error the launcher ends the other

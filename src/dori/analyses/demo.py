@@ -468,9 +468,10 @@ def run_demo(
     samples = evaluate_replication(pipe, records, seeds, m, out, store=store, gen_kwargs=gen, shard=shard) \
         if "generate" in stages else []
     scored = any(s["score"] is not None for s in samples)
-    if samples and not scored:
-        log.warning("no caption of this prompt set has a reference image, so none of the %d generations was "
-                    "scored (they are in %s)", len(samples), out / "images")
+    if samples and not scored and shard.main:
+        log.warning("no caption of this prompt set has a reference image on disk, so none of the %d generations "
+                    "was scored (they are in %s)%s", len(samples), out / "images",
+                    "; check --images-dir" if missing else "")
     results = {
         "schema_version": SCHEMA_VERSION,
         "manifest": man,

@@ -174,12 +174,16 @@ class NeMo:
             for n, a in self.activations(pipe, encode_prompts(pipe, prompts[i : i + batch_size])).items():
                 acts.setdefault(n, []).append(a)
         self._stats = {n: (torch.cat(a).mean(0), torch.cat(a).std(0)) for n, a in acts.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
         names = list(self._stats)
         tensors = {f"mean{i}": self._stats[n][0].cpu() for i, n in enumerate(names)}
         tensors |= {f"std{i}": self._stats[n][1].cpu() for i, n in enumerate(names)}
         tensors["__names__"] = torch.frombuffer(bytearray(json.dumps(names).encode()), dtype=torch.uint8)
-        write_safetensors(path, tensors)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(path, tensors)
+        except OSError as e:  # computed again next time; nothing else changes
+            log.warning("could not write NeMo's statistics to dori's cache (%s); set DORI_CACHE to a writable "
+                        "folder", e)
         return self._stats
 
     # ---- 2. memorization signal ------------------------------------------------------------------
