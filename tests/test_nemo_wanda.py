@@ -34,6 +34,15 @@ def test_statistics_are_cached_and_reloaded(tiny_pipe, nemo_kwargs):
     assert len(list((nemo_kwargs["stats_cache"] / "nemo_stats").glob("*.safetensors"))) == 1
 
 
+def test_a_statistics_cache_that_cannot_be_written_is_a_warning(tiny_pipe, tmp_path, caplog):
+    (tmp_path / "cache").write_text("")  # a file where the cache folder should be: mkdir fails
+    nemo = NeMo(**tiny_pipe.dori_method_defaults.get("nemo", {}), stats_cache=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="dori.mitigations.nemo"):
+        stats = nemo.fit_statistics(tiny_pipe, tiny_stats_prompts()[:8])
+    assert len(stats) == len(resolve_layers(tiny_pipe.unet, nemo.layer_group))
+    assert "could not write NeMo's statistics to dori's cache" in caplog.text and "DORI_CACHE" in caplog.text
+
+
 def test_batched_nemo_selects_exactly_what_the_sequential_procedure_selects(tiny_pipe, nemo_kwargs, caplog):
     stats = tiny_stats_prompts()
     kw = nemo_kwargs | {"layer_group": "nemo-value"}  # SD's group: 4 layers here, cheaper than the shipped 10
