@@ -141,6 +141,14 @@ def test_bypass_table_curves_split_the_control_by_kind():
     assert table["wanda + DoRI (5 steps)"]["mr"] == 1.0 and table["wanda"]["mr"] == 0.0
     assert table["non-memorized + DoRI (5 steps)"]["n_images"] == 2  # the two N photos, not the targets
     assert set(bypass_table(sd, [0, 5])["curves"]) == {"wanda+dori memorized", "none+dori non-memorized"}
+    # which images come back, per image: generations that replicate of those generated, best score
+    per_image = {i["caption"]: i for i in bypass_table(rows, [0, 5])["per_image"]}
+    assert list(per_image) == ["m", "a", "b", "h"]  # the targets first, then the control, as the table
+    assert per_image["m"]["cells"]["wanda"] == {"replicated": 0, "generations": 2, "score_max": 0.1}
+    assert per_image["m"]["cells"]["wanda + DoRI (5 steps)"] == {"replicated": 2, "generations": 2, "score_max": 0.9}
+    assert per_image["a"]["cells"]["non-memorized + DoRI (5 steps)"]["replicated"] == 1
+    assert per_image["b"]["cells"]["non-memorized + DoRI (5 steps)"] == {"replicated": 0, "generations": 2,
+                                                                         "score_max": 0.1}
 
 
 def test_bypass_attack_seed_changes_the_triggers_and_is_recorded(tiny_pipe, tmp_path):

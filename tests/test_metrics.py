@@ -144,6 +144,7 @@ def test_bypass_aggregates_keep_budgets_apart():
 
 
 def test_the_reports_bypass_rows_put_the_control_last_and_name_what_they_hold():
+    from dori.analyses.bypass import bypass_table
     from dori.reports.html import _bypass_section
 
     def row(setting, budget, caption, kind):
@@ -156,6 +157,10 @@ def test_the_reports_bypass_rows_put_the_control_last_and_name_what_they_hold():
     wanda = [row(f"wanda+{a}", n, "a cat", "memorized") for a, n in (("dori", 0), ("dori", 50), ("random", 50))]
     page = _bypass_section(b, control + wanda, None)
     assert page.index("<h3>wanda:") < page.index("<h3>the non-memorized control, unmitigated:")
+    b = bypass_table(control + wanda, [0, 50]) | {"attack": "DoRI"}  # with its per-image rows
+    page = _bypass_section(b, control + wanda, None)
+    assert page.index("Per image, memorized targets") < page.index("Per image, non-memorized control")
+    assert "<td class='caption'>a cat</td><td>memorized</td><td class='num'>0/1 (0.10)</td>" in page
     as_is = [row(f"none+{a}", n, "a cat", "memorized") for a, n in (("dori", 0), ("dori", 50), ("random", 50))]
     page = _bypass_section(b, control + as_is, None)  # --mitigation none: the model as it is
     assert "<h3>the model as it is: memorized targets and the non-memorized control:" in page

@@ -295,6 +295,8 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
 
     Rows: memorized (no mitigation), then per mitigation: original prompt, +DoRI at the largest budget,
     +random perturbation of the same norm; then the non-memorized control with and without DoRI.
+    ``per_image``: the same rows per attacked image (generations that replicate, generations, best score), so
+    that which images come back can be read without the sample rows.
     """
     top = max(budgets)
     by, by_kind = defaultdict(list), defaultdict(list)
@@ -306,10 +308,19 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
                 by_kind[(s["setting"], s["kind"])].append(s)
     settings = sorted({s["setting"].rsplit("+", 1)[0] for s in samples if s["stage"] == "bypass"} - {"none"})
     table = []
+    attacked = {s["caption"] for s in samples if s["stage"] == "bypass"}
+    per_image: dict[str, dict] = {}
 
     def add(label, rows):
         if rows:
             table.append({"setting": label, **_stats(rows)})
+        for r in rows:
+            if r["caption"] in attacked:
+                img = per_image.setdefault(r["caption"], {"caption": r["caption"], "kind": r["kind"], "cells": {}})
+                cell = img["cells"].setdefault(label, {"replicated": 0, "generations": 0, "score_max": r["score"]})
+                cell["replicated"] += bool(r["replicated"])
+                cell["generations"] += 1
+                cell["score_max"] = max(cell["score_max"], r["score"])
 
     add("memorized (no mitigation)", by[("generate", "none", 0, True)] or by[("bypass", "none+dori", 0, True)])
     if by[("bypass", "none+dori", top, True)]:  # --mitigation none: the model as it is, attacked
@@ -339,7 +350,7 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
             pts = [(b, memorization_rate([r for r in rows if r["budget"] == b])) for b in budgets
                    if any(r["budget"] == b for r in rows)]
             curves[f"{m}+dori {kind}"] = {"budget": [p[0] for p in pts], "mr": [p[1] for p in pts]}
-    return {"budgets": list(budgets), "table": table, "curves": curves}
+    return {"budgets": list(budgets), "table": table, "curves": curves, "per_image": list(per_image.values())}
 
 
 def trigger_seconds(run_dir: str | Path, samples: Sequence[dict]) -> dict:

@@ -78,6 +78,7 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
     t = timing or {}
     if t.get("n"):
         out.append(f"<p class='muted'>attack time per target image: {t['mean_seconds_per_image']:.1f} s</p>")
+    out += _per_image_tables(b)
     by = defaultdict(list)
     for s in samples:
         if s["stage"] == "bypass":
@@ -105,6 +106,28 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
                        f"<td>{cells(by[(f'{m}+dori', top, c)])}</td><td>{cells(by[(f'{m}+random', top, c)])}</td></tr>")
         out.append("</table>")
     return "".join(out)
+
+
+def _per_image_tables(b: dict) -> list[str]:
+    """The table's rows per attacked image (memorized targets, then the control): generations that replicate
+    / generations (seeds; seeds x variants for word-perturbed prompts), and the best score."""
+    order = [r["setting"] for r in b["table"]]
+    out = []
+    for memorized, title in ((True, "memorized targets"), (False, "non-memorized control")):
+        imgs = [i for i in b.get("per_image", []) if (i["kind"] in MEMORIZED_KINDS) == memorized]
+        cols = [c for c in order if any(c in i["cells"] for i in imgs)]
+        if not imgs:
+            continue
+        out.append(f"<h3>Per image, {title}: generations that replicate / generations (best score)</h3>"
+                   "<table><tr><th>caption</th>"
+                   "<th>kind</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
+        for i in imgs:
+            cells = "".join(f"<td class='num'>{c['replicated']}/{c['generations']} ({c['score_max']:.2f})</td>"
+                            if c else "<td></td>" for c in (i["cells"].get(col) for col in cols))
+            out.append(f"<tr><td class='caption'>{html.escape(i['caption'])}</td><td>{html.escape(i['kind'])}</td>"
+                       f"{cells}</tr>")
+        out.append("</table>")
+    return out
 
 
 def similarity(fid: dict) -> str:
