@@ -194,14 +194,22 @@ def test_brackets_in_messages_and_names_are_printed_as_written(tmp_path, dori_cl
     assert r.returncode == 2 and "pip install dori[parquet]" in r.stderr
     row = {"n_images": 1, "mr": 1.0, "mr_any_seed": 1.0, "score_mean": 0.7, "score_std": 0.0}
     res = {"aggregates": {"bypass/mine[v2]+dori@50/memorized": row}, "metric": {"name": "pixel-ssim", "threshold": 0.5},
-           "bypass": {"attack": "DoRI(steps=50)", "table": [{"setting": "mine[v2] + DoRI", **row}],
-                      "curves": {"mine[v2]+dori memorized": {"budget": [50], "mr": [1.0]}}},
+           "bypass": {"attack": "DoRI(steps=50)", "curves": {"mine[v2]+dori memorized": {"budget": [50], "mr": [1.0]}},
+                      "table": [{"setting": "mine[v2] + DoRI (50 steps)", **row},
+                                {"setting": "non-memorized + DoRI (50 steps)", **row}],
+                      "per_image": [  # one target DoRI left out, one control image it forced
+                          {"caption": "a cat", "cells": {"mine[v2] + DoRI (50 steps)": {
+                              "replicated": 0, "generations": 4, "score_max": 0.46}}},
+                          {"caption": "a clock", "cells": {"non-memorized + DoRI (50 steps)": {
+                              "replicated": 1, "generations": 4, "score_max": 0.55}}}]},
            "manifest": {"seconds": 1.0, "attack_timing": {"n": 0}}}
     monkeypatch.setattr(demo, "run_demo", lambda **kw: res)
     r = dori_cli("demo", "--out", str(tmp_path / "run[v1]"))
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())
-    for text in ("mine[v2]+dori@50", "mine[v2] + DoRI", "MR vs steps, mine[v2]+dori memorized"):
+    for text in ("mine[v2]+dori@50", "mine[v2] + DoRI", "MR vs steps, mine[v2]+dori memorized",
+                 "mine[v2] + DoRI (50 steps), not brought back: a cat (0/4, best 0.46)",
+                 "non-memorized + DoRI (50 steps), forced: a clock (1/4, best 0.55)"):
         assert text in out, text
     assert f"wrote {tmp_path / 'run[v1]' / 'results.json'} and" in r.stdout  # on one line, however long
 

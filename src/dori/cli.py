@@ -182,6 +182,13 @@ def _print_analyses(res: dict, out: Path) -> None:
             table.add_row(r["setting"], str(r["n_images"]), f"{r['mr']:.2f}", f"{r['mr_any_seed']:.2f}",
                           f"{r['score_mean']:.3f} ± {r['score_std']:.3f}")
         _say(table)
+        for label in [r["setting"] for r in b["table"] if "+ DoRI" in r["setting"]]:
+            control = label.startswith("non-memorized")  # the targets DoRI left out; the control it forced
+            cells = [(i["caption"], i["cells"][label]) for i in b.get("per_image", []) if label in i["cells"]]
+            named = [f"{cap[:40]} ({c['replicated']}/{c['generations']}, best {c['score_max']:.2f})"
+                     for cap, c in cells if (c["replicated"] > 0) == control]
+            if named:
+                _say(f"{label}, {'forced' if control else 'not brought back'}: " + "; ".join(named))
         for label, c in b["curves"].items():
             _say(f"MR vs steps, {label}: " + ", ".join(f"{s}: {v:.2f}" for s, v in
                                                       zip(c["budget"], c["mr"], strict=True)))
