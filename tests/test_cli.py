@@ -196,11 +196,14 @@ def test_brackets_in_messages_and_names_are_printed_as_written(tmp_path, dori_cl
     res = {"aggregates": {"bypass/mine[v2]+dori@50/memorized": row}, "metric": {"name": "pixel-ssim", "threshold": 0.5},
            "bypass": {"attack": "DoRI(steps=50)", "curves": {"mine[v2]+dori memorized": {"budget": [50], "mr": [1.0]}},
                       "table": [{"setting": "mine[v2] + DoRI (50 steps)", **row},
+                                {"setting": "non-memorized-v2 + DoRI (50 steps)", **row},  # a mask set's name
                                 {"setting": "non-memorized + DoRI (50 steps)", **row}],
                       "per_image": [  # one target DoRI left out, one control image it forced
-                          {"caption": "a cat", "cells": {"mine[v2] + DoRI (50 steps)": {
-                              "replicated": 0, "generations": 4, "score_max": 0.46}}},
-                          {"caption": "a clock", "cells": {"non-memorized + DoRI (50 steps)": {
+                          {"caption": "a cat", "kind": "memorized", "cells": {"mine[v2] + DoRI (50 steps)": {
+                              "replicated": 0, "generations": 4, "score_max": 0.46},
+                              "non-memorized-v2 + DoRI (50 steps)": {
+                                  "replicated": 0, "generations": 4, "score_max": 0.4}}},
+                          {"caption": "a clock", "kind": "held_out", "cells": {"non-memorized + DoRI (50 steps)": {
                               "replicated": 1, "generations": 4, "score_max": 0.55}}}]},
            "manifest": {"seconds": 1.0, "attack_timing": {"n": 0}}}
     monkeypatch.setattr(demo, "run_demo", lambda **kw: res)
@@ -209,7 +212,8 @@ def test_brackets_in_messages_and_names_are_printed_as_written(tmp_path, dori_cl
     out = " ".join(r.stdout.split())
     for text in ("mine[v2]+dori@50", "mine[v2] + DoRI", "MR vs steps, mine[v2]+dori memorized",
                  "mine[v2] + DoRI (50 steps), not brought back: a cat (0/4, best 0.46)",
-                 "non-memorized + DoRI (50 steps), forced: a clock (1/4, best 0.55)"):
+                 "non-memorized + DoRI (50 steps), forced: a clock (1/4, best 0.55)",
+                 "non-memorized-v2 + DoRI (50 steps), not brought back: a cat (0/4, best 0.40)"):
         assert text in out, text
     assert f"wrote {tmp_path / 'run[v1]' / 'results.json'} and" in r.stdout  # on one line, however long
 

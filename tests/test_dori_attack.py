@@ -149,6 +149,10 @@ def test_bypass_table_curves_split_the_control_by_kind():
     assert per_image["a"]["cells"]["non-memorized + DoRI (5 steps)"]["replicated"] == 1
     assert per_image["b"]["cells"]["non-memorized + DoRI (5 steps)"] == {"replicated": 0, "generations": 2,
                                                                          "score_max": 0.1}
+    both = rows + [row("none+dori", "N", "m", b, s, False) for b in (0, 5) for s in (0, 1)]  # also a control photo
+    sides = [(i["caption"], i["kind"], sorted(i["cells"])) for i in bypass_table(both, [0, 5])["per_image"]]
+    assert sides[0] == ("m", "memorized", ["wanda", "wanda + DoRI (5 steps)"])
+    assert ("m", "N", ["non-memorized", "non-memorized + DoRI (5 steps)"]) in sides
 
 
 def test_bypass_attack_seed_changes_the_triggers_and_is_recorded(tiny_pipe, tmp_path):

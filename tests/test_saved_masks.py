@@ -55,8 +55,9 @@ def test_a_mask_file_name_may_hold_dots(tiny_pipe, tmp_path):
 
 
 @pytest.mark.parametrize("name, path, message", [
-    ("wanda", "f", "not one of none, nemo, wanda"),
+    ("wanda", "f", "not one of none, nemo, wanda, memorized, non-memorized"),
     ("Nemo", "f", "not one of none, nemo, wanda"),
+    ("Non-Memorized", "f", "not one of none, nemo, wanda, memorized, non-memorized"),  # the table's own rows
     ("wanda-joint", "f", "not ending in -joint or -own"),
     ("my mask", "f", "use letters, digits"),
     ("mine", "nowhere", "is neither a folder of masks nor a mask file"),

@@ -152,6 +152,10 @@ def _print_replication(res: dict) -> None:
     _say(table)
 
 
+def _short(caption: str, n: int = 40) -> str:
+    return caption if len(caption) <= n else caption[: n - 1] + "…"
+
+
 def _print_analyses(res: dict, out: Path) -> None:
     from dori.reports.html import similarity
 
@@ -182,13 +186,15 @@ def _print_analyses(res: dict, out: Path) -> None:
             table.add_row(r["setting"], str(r["n_images"]), f"{r['mr']:.2f}", f"{r['mr_any_seed']:.2f}",
                           f"{r['score_mean']:.3f} ± {r['score_std']:.3f}")
         _say(table)
-        for label in [r["setting"] for r in b["table"] if "+ DoRI" in r["setting"]]:
-            control = label.startswith("non-memorized")  # the targets DoRI left out; the control it forced
-            cells = [(i["caption"], i["cells"][label]) for i in b.get("per_image", []) if label in i["cells"]]
-            named = [f"{cap[:40]} ({c['replicated']}/{c['generations']}, best {c['score_max']:.2f})"
-                     for cap, c in cells if (c["replicated"] > 0) == control]
-            if named:
-                _say(f"{label}, {'forced' if control else 'not brought back'}: " + "; ".join(named))
+        from dori.data.prompts import MEMORIZED_KINDS
+
+        for label in dict.fromkeys(r["setting"] for r in b["table"] if "+ DoRI" in r["setting"]):
+            for control, what in ((False, "not brought back"), (True, "forced")):  # targets left out, control forced
+                named = [f"{_short(i['caption'])} ({c['replicated']}/{c['generations']}, best {c['score_max']:.2f})"
+                         for i in b.get("per_image", []) if (i["kind"] not in MEMORIZED_KINDS) == control
+                         and (c := i["cells"].get(label)) and (c["replicated"] > 0) == control]
+                if named:
+                    _say(f"{label}, {what}: " + " | ".join(named))
         for label, c in b["curves"].items():
             _say(f"MR vs steps, {label}: " + ", ".join(f"{s}: {v:.2f}" for s, v in
                                                       zip(c["budget"], c["mr"], strict=True)))

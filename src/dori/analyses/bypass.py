@@ -308,15 +308,16 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
                 by_kind[(s["setting"], s["kind"])].append(s)
     settings = sorted({s["setting"].rsplit("+", 1)[0] for s in samples if s["stage"] == "bypass"} - {"none"})
     table = []
-    attacked = {s["caption"] for s in samples if s["stage"] == "bypass"}
-    per_image: dict[str, dict] = {}
+    attacked = {(s["caption"], s["kind"] in MEMORIZED_KINDS) for s in samples if s["stage"] == "bypass"}
+    per_image: dict[tuple, dict] = {}  # by caption and side: a caption may be a target and a control photo
 
     def add(label, rows):
         if rows:
             table.append({"setting": label, **_stats(rows)})
         for r in rows:
-            if r["caption"] in attacked:
-                img = per_image.setdefault(r["caption"], {"caption": r["caption"], "kind": r["kind"], "cells": {}})
+            key = (r["caption"], r["kind"] in MEMORIZED_KINDS)
+            if key in attacked:
+                img = per_image.setdefault(key, {"caption": r["caption"], "kind": r["kind"], "cells": {}})
                 cell = img["cells"].setdefault(label, {"replicated": 0, "generations": 0, "score_max": r["score"]})
                 cell["replicated"] += bool(r["replicated"])
                 cell["generations"] += 1

@@ -186,7 +186,8 @@ def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor
             h.remove()
 
 
-RESERVED_NAMES = ("none", "nemo", "wanda")  # the settings dori's own mitigations and the plain model take
+# the settings dori's own mitigations and the plain model take, and the bypass table's own row names
+RESERVED_NAMES = ("none", "nemo", "wanda", "memorized", "non-memorized")
 
 
 def check_mask_set_name(name: str, taken: set[str] = frozenset()) -> None:

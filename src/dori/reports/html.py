@@ -111,14 +111,15 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
 def _per_image_tables(b: dict) -> list[str]:
     """The table's rows per attacked image (memorized targets, then the control): generations that replicate
     / generations (seeds; seeds x variants for word-perturbed prompts), and the best score."""
-    order = [r["setting"] for r in b["table"]]
+    order = list(dict.fromkeys(r["setting"] for r in b["table"]))
     out = []
     for memorized, title in ((True, "memorized targets"), (False, "non-memorized control")):
         imgs = [i for i in b.get("per_image", []) if (i["kind"] in MEMORIZED_KINDS) == memorized]
         cols = [c for c in order if any(c in i["cells"] for i in imgs)]
         if not imgs:
             continue
-        out.append(f"<h3>Per image, {title}: generations that replicate / generations (best score)</h3>"
+        out.append(f"<h3>Per image, {title}: generations that replicate / generations (best score); "
+                   "generations: seeds, times variants for word-perturbed prompts</h3>"
                    "<table><tr><th>caption</th>"
                    "<th>kind</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
         for i in imgs:
