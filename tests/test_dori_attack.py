@@ -149,6 +149,9 @@ def test_bypass_table_curves_split_the_control_by_kind():
     assert per_image["a"]["cells"]["non-memorized + DoRI (5 steps)"]["replicated"] == 1
     assert per_image["b"]["cells"]["non-memorized + DoRI (5 steps)"] == {"replicated": 0, "generations": 2,
                                                                          "score_max": 0.1}
+    plain = [{**row("none", "memorized", c, 0, s, True), "stage": "generate"} for c in "mu" for s in (0, 1)]
+    first = bypass_table(plain + rows, [0, 5])["table"][0]  # the attacked target only, not the unattacked "u"
+    assert (first["setting"], first["n_images"], first["n_samples"]) == ("memorized (no mitigation)", 1, 2)
     both = rows + [row("none+dori", "N", "m", b, s, False) for b in (0, 5) for s in (0, 1)]  # also a control photo
     sides = [(i["caption"], i["kind"], sorted(i["cells"])) for i in bypass_table(both, [0, 5])["per_image"]]
     assert sides[0] == ("m", "memorized", ["wanda", "wanda + DoRI (5 steps)"])

@@ -293,8 +293,9 @@ def _stats(rows: list[dict]) -> dict:
 def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
     """The paper's table and the cost curves, from sample rows (nothing is recomputed).
 
-    Rows: memorized (no mitigation), then per mitigation: original prompt, +DoRI at the largest budget,
-    +random perturbation of the same norm; then the non-memorized control with and without DoRI.
+    Rows: memorized (no mitigation, the attacked targets), then per mitigation: original prompt, +DoRI at the
+    largest budget, +random perturbation of the same norm; then the non-memorized control with and without
+    DoRI.
     ``per_image``: the same rows per attacked image (generations that replicate, generations, best score), so
     that which images come back can be read without the sample rows.
     """
@@ -323,7 +324,8 @@ def bypass_table(samples: Sequence[dict], budgets: Sequence[int]) -> dict:
                 cell["generations"] += 1
                 cell["score_max"] = max(cell["score_max"], r["score"])
 
-    add("memorized (no mitigation)", by[("generate", "none", 0, True)] or by[("bypass", "none+dori", 0, True)])
+    plain = [r for r in by[("generate", "none", 0, True)] if (r["caption"], True) in attacked]  # the same images
+    add("memorized (no mitigation)", plain or by[("bypass", "none+dori", 0, True)])
     if by[("bypass", "none+dori", top, True)]:  # --mitigation none: the model as it is, attacked
         add(f"memorized + DoRI ({top} steps)", by[("bypass", "none+dori", top, True)])
         add("memorized + random (same norm)", by[("bypass", "none+random", top, True)])
