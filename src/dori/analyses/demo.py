@@ -178,26 +178,30 @@ def roc_plot(detection: list[dict], path: Path) -> None:
     _save_fig(fig, path)
 
 
-def _default_metric(model: str) -> str | None:
-    """The metric :func:`make_metric` would pick, when it can be told from the model's folder without
-    loading it (the VAE class in ``model_index.json``): pixel-ssim for a pixel-space model, else SSCD."""
+def default_metric(vae_class: str) -> str:
+    """The metric of a model by its VAE's class name: pixel-ssim for a pixel-space model (the tiny one's
+    ``PixelIdentityVAE``), SSCD-NeMo otherwise."""
+    return "pixel-ssim" if vae_class == "PixelIdentityVAE" else "sscd-nemo"
+
+
+def _default_metric_unloaded(model: str) -> str | None:
+    """:func:`default_metric` told from the model's folder without loading it (the VAE class in
+    ``model_index.json``); None for a hub id, or a folder without an index (told once it loads)."""
     from dori.models.loading import resolve_model_path
 
     try:
         index = Path(resolve_model_path(model)) / "model_index.json"
-        vae = json.loads(index.read_text())["vae"][1]
+        return default_metric(json.loads(index.read_text())["vae"][1])
     except (DoriError, OSError, ValueError, KeyError, IndexError, TypeError):
-        return None  # a hub id, or a folder without an index: told once it loads
-    return "pixel-ssim" if vae == "PixelIdentityVAE" else "sscd-nemo"
+        return None
 
 
 def make_metric(name: str | None, pipe, sscd_path: str | None = None):
     """The replication metric: pixel-ssim for pixel-space models (the tiny one), SSCD-NeMo otherwise."""
-    from dori.models.pixel_vae import PixelIdentityVAE
     from dori.registry import METRICS
 
     if name is None:
-        name = "pixel-ssim" if isinstance(pipe.vae, PixelIdentityVAE) else "sscd-nemo"
+        name = default_metric(type(pipe.vae).__name__)
     cls = METRICS.get(name)
     if name.startswith("sscd"):
         if not sscd_path:
@@ -386,7 +390,7 @@ def run_demo(
     if "generate" in stages:  # the metric (detection alone needs none), checked before the model loads
         if metric is not None:
             METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
-        if (metric or _default_metric(model) or "").startswith("sscd") and not (
+        if (metric or _default_metric_unloaded(model) or "").startswith("sscd") and not (
                 sscd_path and Path(sscd_path).expanduser().is_file()):
             make_metric(metric or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
     if "bypass" in stages and (not budgets or min(budgets) < 0):

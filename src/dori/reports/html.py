@@ -115,9 +115,9 @@ def _per_image_tables(b: dict) -> list[str]:
     out = []
     for memorized, title in ((True, "memorized targets"), (False, "non-memorized control")):
         imgs = [i for i in b.get("per_image", []) if (i["kind"] in MEMORIZED_KINDS) == memorized]
-        cols = [c for c in order if any(c in i["cells"] for i in imgs)]
         if not imgs:
             continue
+        cols = [c for c in order if any(c in i["cells"] for i in imgs)]
         out.append(f"<h3>Per image, {title}: generations that replicate / generations (best score); "
                    "generations: seeds, times variants for word-perturbed prompts</h3>"
                    "<table><tr><th>caption</th>"
