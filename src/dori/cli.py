@@ -59,15 +59,15 @@ def _method_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
-def _named_paths(items: list[str]) -> dict[str, str]:
+def _named_paths(items: list[str], flag: str = "--masks", example: str = "mine=runs/a/masks/wanda") -> dict[str, str]:
     """``["mine=runs/a/masks/wanda"]`` -> ``{"mine": "runs/a/masks/wanda"}``."""
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise DoriError(f"--masks takes NAME=PATH (e.g. --masks mine=runs/a/masks/wanda), got {item!r}")
+            raise DoriError(f"{flag} takes NAME=PATH (e.g. {flag} {example}), got {item!r}")
         if name in out:
-            raise DoriError(f"--masks names {name!r} twice: give each mask set its own name")
+            raise DoriError(f"{flag} names {name!r} twice: give each its own name")
         out[name] = path
     return out
 
@@ -174,6 +174,10 @@ def _print_analyses(res: dict, out: Path) -> None:
         sm = mres["summary"]
         fid = sm["non_memorized_similarity_to_unmitigated"]
         own = sm.get("non_memorized_similarity_per_prompt_mask")
+        if sm.get("mask_kind") == "patch":
+            _say(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f} (fine-tuned UNet, "
+                 f"{sm['joint_mask_size']} weights changed); non-memorized similarity to unmitigated {similarity(fid)}")
+            continue
         _say(f"{name}: memorized MR {sm['mr_before']:.2f} -> {sm['mr_after']:.2f}; joint mask "
              f"{sm['joint_mask_size']}; non-memorized similarity to unmitigated {similarity(fid)} "
              f"(joint mask)" + (f", {similarity(own)} (one prompt's own mask)" if own else ""))
@@ -226,10 +230,14 @@ def detect(
 def attack(
     out: Path = typer.Option(..., help="run directory"),
     mitigation: str = typer.Option(None, help="comma-separated: nemo, wanda; 'none' attacks the model as it "
-                                              "is (e.g. a fine-tuned model). Default: wanda, or none with --masks"),
+                                              "is. Default: wanda, or none with --masks or --finetuned"),
     masks: list[str] = typer.Option(None, "--masks", help="NAME=PATH, repeatable: attack masks saved earlier, a "
                                                           "folder of per-caption masks (DIR/masks/wanda of a run) "
                                                           "or one mask file for every caption"),
+    finetuned: list[str] = typer.Option(None, "--finetuned", help="NAME=PATH, repeatable: attack a fine-tuned UNet of "
+                                                                  "--model (a pipeline folder, a UNet folder or "
+                                                                  "its .safetensors file) as a mitigation; the rest "
+                                                                  "stays on --model"),
     model: str = typer.Option("tiny"),
     prompts: str = typer.Option("tiny", help="prompt set name or file"),
     images_dir: str = typer.Option(None),
@@ -257,10 +265,12 @@ def attack(
     """The bypass benchmark: mitigate, then attack each memorized image with DoRI through the mitigation;
     the non-memorized control is attacked with the same budget on the unmitigated model."""
     saved = _named_paths(masks or [])
-    given = _list(mitigation) if mitigation else [] if saved else ["wanda"]
-    if "none" in given and (len(given) > 1 or saved):
-        raise DoriError("--mitigation none attacks the model as it is, alone: drop it, or the other mitigations "
-                        "and --masks (the non-memorized control is attacked on the model as it is in every run)")
+    tuned = _named_paths(finetuned or [], "--finetuned", "ablated=models/sd-ablated")
+    given = _list(mitigation) if mitigation else [] if saved or tuned else ["wanda"]
+    if "none" in given and (len(given) > 1 or saved or tuned):
+        raise DoriError("--mitigation none attacks the model as it is, alone: drop it, or the other mitigations, "
+                        "--masks and --finetuned (the non-memorized control is attacked on the model as it is in "
+                        "every run)")
     mits = [m for m in given if m != "none"]
     bad = set(mits) - {"nemo", "wanda"}
     if bad:
@@ -271,6 +281,7 @@ def attack(
                     stats_prompts=stats_prompts, attack=overrides, budgets=_ints(budgets, "--budgets"),
                     attack_seed=attack_seed, control_per_kind=control, token_variants=token_variants,
                     method_params=_method_params(param), early_stop=early_stop, masks=saved or None,
+                    finetuned=tuned or None,
                     control_prompts=control_prompts, control_images_dir=control_images_dir, command="dori attack",
                     **{k: RUN_DEFAULTS[k] for k in ("per_prompt_fidelity", "max_targets", "fidelity_per_kind")})
     _print_results(res, out)

@@ -18,6 +18,7 @@ from dori.analyses.runfile import absolute_path, write_run_file
 from dori.data.prompts import load_control_set, load_prompt_set
 from dori.errors import DoriError
 from dori.metrics.replication import summarize
+from dori.mitigations.finetuned import FineTunedUNet
 from dori.mitigations.masks import SavedMasks, mask_files
 from dori.models.layers import resolve_layers
 from dori.models.loading import check_device, load_pipeline, model_id
@@ -311,6 +312,7 @@ def run_demo(
     detectors: Sequence[str] = DETECTORS,
     early_stop: bool = False,
     masks: dict[str, str] | None = None,
+    finetuned: dict[str, str] | None = None,
     control_prompts: str | None = None,
     control_images_dir: str | None = None,
     command: str = "dori demo",
@@ -337,6 +339,9 @@ def run_demo(
     ``masks``: mitigations given as saved masks, ``{name: path}`` (a folder of per-caption masks or one
     mask for every caption, :class:`~dori.mitigations.masks.SavedMasks`): each gets the before/after table
     of NeMo and Wanda and, with the bypass stage, is attacked like them (rows ``<name>``, ``<name>+dori``).
+    ``finetuned``: mitigations given as fine-tuned UNets of the model, ``{name: path}`` (a pipeline folder,
+    a UNet folder or a UNet safetensors file, :class:`~dori.mitigations.finetuned.FineTunedUNet`): the
+    weights that differ are swapped in like a mask, and measured and attacked like the saved masks.
     ``control_prompts`` (with ``control_images_dir``): non-memorized images attacked as the bypass's control
     (:func:`~dori.data.prompts.load_control_set`), for a prompt set that has none (SD's memorized prompts);
     they serve the bypass only, and come before the prompt set's own control photos of the same kind when
@@ -357,6 +362,7 @@ def run_demo(
     control_images_dir = absolute_path(control_images_dir)
     masks = masks and {name: absolute_path(path, exists=lambda p: p.exists() or mask_files(p)[1].is_file())
                        for name, path in masks.items()}  # a mask may be named without its suffix
+    finetuned = finetuned and {name: absolute_path(path) for name, path in finetuned.items()}
     config = dict(model=str(model), prompt_set=str(prompt_set), seeds=list(seeds), metric=metric,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, device=device, stages=list(stages), stats_prompts=stats_prompts,
@@ -365,7 +371,7 @@ def run_demo(
                   token_variants=token_variants,
                   method_params=method_params, per_prompt_fidelity=per_prompt_fidelity, detectors=list(detectors),
                   images_dir=images_dir and str(images_dir), sscd_path=sscd_path and str(sscd_path),
-                  early_stop=early_stop, masks=masks, control_prompts=control_prompts,
+                  early_stop=early_stop, masks=masks, finetuned=finetuned, control_prompts=control_prompts,
                   control_images_dir=control_images_dir)
     man = manifest(command, config, seeds)
     check_method_params(method_params or {}, stages)
@@ -377,7 +383,8 @@ def run_demo(
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise DoriError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    after = sorted({"nemo", "wanda", "bypass"} & set(stages)) + (["masks (saved masks)"] if masks else [])
+    after = sorted({"nemo", "wanda", "bypass"} & set(stages)) + (["masks (saved masks)"] if masks else []) \
+        + (["finetuned (fine-tuned UNets)"] if finetuned else [])
     if after and "generate" not in stages:
         raise DoriError(f"{', '.join(after)} compare with the unmitigated images: add 'generate' to the stages")
     records = load_prompt_set(prompt_set, images_dir)  # validate cheap inputs before loading the model
@@ -422,7 +429,9 @@ def run_demo(
                             "--control-prompts FILE --control-images-dir DIR (e.g. NeMo's "
                             "unmemorized_laion_prompts.csv and its images), or leave the bypass out of --stages")
         require_unique_captions(targets + control)
-    saved: list[SavedMasks] = []
+    saved: list[SavedMasks | FineTunedUNet] = []
+    for name, path in (finetuned or {}).items():
+        saved.append(FineTunedUNet(name, path, taken={sm.name for sm in saved}))
     for name, path in (masks or {}).items():
         saved.append(SavedMasks(name, path, taken={sm.name for sm in saved}))
         saved[-1].require([r.caption for r in targets])
@@ -445,7 +454,7 @@ def run_demo(
     if list(stages) == ["detect"]:
         require_both_kinds(records)
     pipe = load_pipeline(model, device=shard.device(device))
-    for sm in saved:  # masks that do not fit this model fail now, before any image is generated
+    for sm in saved:  # masks or fine-tunes that do not fit this model fail now, before any image is generated
         sm.check(pipe, [r.caption for r in targets])
     if "nemo" in stages and not stats_prompts and getattr(pipe, "dori_recipe", None) is None \
             and tuple(stages) == DEFAULT_STAGES:
@@ -495,7 +504,7 @@ def run_demo(
             roc_plot(results["detection"], out / "plots" / "roc.png")
             results["plots"].append({"title": "Detection ROC", "path": "plots/roc.png"})
     mitigations = {}
-    for method in [*methods.values(), *saved]:  # NeMo, Wanda, then masks made elsewhere, the same way
+    for method in [*methods.values(), *saved]:  # NeMo, Wanda, then fine-tunes and masks made elsewhere, alike
         plain = [s for s in samples if s["stage"] == "generate"]  # not another mitigation's rows
         res = run_mitigation(pipe, method, records, seeds, m, out, gen, plain, per_prompt_fidelity,
                              max_targets, fidelity_per_kind, shard)

@@ -35,6 +35,8 @@ def localize_masks(pipe, method, records: Sequence[PromptRecord], run_dir: Path,
                    shard: Shard = SOLO) -> dict[str, Mask]:
     """One mask per record, loaded from the run directory when a previous run (or another process of
     this one) already computed it."""
+    if not getattr(method, "saves_masks", True):  # a fine-tuned UNet: one patch, read from its own files
+        return {rec.caption: method.localize(pipe, rec.caption) for rec in records}
     params = json.loads(json.dumps(method.params(), default=str))  # as it reads back from the mask's JSON
     model = model_id(pipe)
 
@@ -166,6 +168,7 @@ def run_mitigation(pipe, method, records: Sequence[PromptRecord], seeds: Sequenc
         "method": repr(method),
         "mr_before": memorization_rate([r for c in mem for r in before.get(c.caption, [])]),
         "mr_after": memorization_rate([r for r in rows if r["setting"] == method.name]),
+        "mask_kind": joint.kind,  # "patch": a fine-tuned UNet, its size the number of weights it changed
         "joint_mask_size": len(joint),
         "joint_mask_counts": joint.counts(),
         "non_memorized_similarity_to_unmitigated": fidelity,

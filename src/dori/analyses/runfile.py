@@ -42,7 +42,8 @@ RUN_DEFAULTS = dict(seeds=[0, 1, 2, 3], attack={}, budgets=list(PAPER_BUDGETS), 
                     max_targets=None, fidelity_per_kind=None, token_variants=4, per_prompt_fidelity=True)
 _RESOLVED = ("resolved_generation", "resolved_attack", "threshold")  # derived by a run, never arguments
 # arguments added after run.json was, with the value that repeats a run recorded before them
-_ADDED_LATER = {"early_stop": False, "masks": None, "control_prompts": None, "control_images_dir": None}
+_ADDED_LATER = {"early_stop": False, "masks": None, "control_prompts": None, "control_images_dir": None,
+                "finetuned": None}
 
 
 def type_hints(fn) -> dict:

@@ -117,7 +117,8 @@ def _modules(unet: torch.nn.Module, mask: Mask) -> Iterator[tuple[str, torch.nn.
 
 @contextmanager
 def apply_mask(pipe_or_unet, mask: Mask | None):
-    """Apply ``mask`` inside the ``with`` block; the model is restored bit-exactly on exit.
+    """Apply ``mask`` inside the ``with`` block; the model is restored bit-exactly on exit. A fine-tuned
+    UNet's :class:`~dori.mitigations.finetuned.WeightPatch` is applied the same way.
 
     Example:
         >>> with apply_mask(pipe, mask):
@@ -127,6 +128,10 @@ def apply_mask(pipe_or_unet, mask: Mask | None):
         yield
         return
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if mask.kind == "patch":  # a fine-tuned UNet's weights (dori.mitigations.finetuned.WeightPatch)
+        with mask.applied(unet):
+            yield
+        return
     handles, saved = [], []
     try:
         for name, mod in _modules(unet, mask):
@@ -285,6 +290,9 @@ def _read_mask_json(path: Path) -> dict:
         info = json.loads(path.read_text())
     except ValueError as e:
         raise DoriError(f"{path} is not a mask's JSON (written by Mask.save): {e}") from None
+    if isinstance(info, dict) and info.get("kind") == "patch":
+        raise DoriError(f"{path} records a fine-tuned UNet ({info.get('meta', {}).get('source')}), not a mask: "
+                        "attack it with --finetuned NAME=<that source>")
     if not isinstance(info, dict) or "kind" not in info or "layers" not in info:
         raise DoriError(f"{path} is not a mask's JSON (written by Mask.save): it lacks kind and layers")
     st = mask_files(path)[2]

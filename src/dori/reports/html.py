@@ -181,9 +181,14 @@ def render_report(run_dir: str | Path) -> Path:
         sm = mres["summary"]
         parts.append(f"<h2>Mitigation: {html.escape(name)}</h2><p class='muted'>{html.escape(sm['method'])}</p>")
         fid = sm["non_memorized_similarity_to_unmitigated"]
-        parts.append(f"<p>memorized MR {sm['mr_before']:.2f} &rarr; <b>{sm['mr_after']:.2f}</b> with each "
-                     f"prompt's own mask; joint mask size {sm['joint_mask_size']}; non-memorized captions "
-                     f"with the joint mask: {html.escape(fid['measure'])} = {similarity(fid)}</p>")
+        if sm.get("mask_kind") == "patch":
+            parts.append(f"<p>memorized MR {sm['mr_before']:.2f} &rarr; <b>{sm['mr_after']:.2f}</b> with the "
+                         f"fine-tuned UNet ({sm['joint_mask_size']} weights changed); non-memorized captions with "
+                         f"it: {html.escape(fid['measure'])} = {similarity(fid)}</p>")
+        else:
+            parts.append(f"<p>memorized MR {sm['mr_before']:.2f} &rarr; <b>{sm['mr_after']:.2f}</b> with each "
+                         f"prompt's own mask; joint mask size {sm['joint_mask_size']}; non-memorized captions "
+                         f"with the joint mask: {html.escape(fid['measure'])} = {similarity(fid)}</p>")
         own = sm.get("non_memorized_similarity_per_prompt_mask")
         if own and own["mean"] is not None:
             parts.append(f"<p>non-memorized captions each under one memorized caption's own mask: "
