@@ -45,8 +45,9 @@ def test_a_finetuned_unet_is_measured_and_attacked_like_the_mask_it_equals(tiny_
     mask.save(tmp_path / "m")
     _save_unet(tiny_pipe, tmp_path / "ft" / "unet", mask)
     (tmp_path / "ft" / "model_index.json").write_text("{}")  # a pipeline folder: its unet/ is read
-    res = run_demo(out=tmp_path / "run", stages=["generate", "bypass"], masks={"m": str(tmp_path / "m")},
-                   finetuned={"f": str(tmp_path / "ft")}, **SMALL)
+    args = dict(out=tmp_path / "run", stages=["generate", "bypass"], masks={"m": str(tmp_path / "m")},
+                finetuned={"f": str(tmp_path / "ft")}, **SMALL)
+    res = run_demo(**args)
 
     def rows(name):
         return {(r["stage"], r["setting"].replace(name, "X", 1), r["budget"], r["caption"], r["seed"]): r["score"]
@@ -70,6 +71,10 @@ def test_a_finetuned_unet_is_measured_and_attacked_like_the_mask_it_equals(tiny_
     with pytest.raises(DoriError, match="records a fine-tuned UNet"):
         SavedMasks("x", tmp_path / "run" / "masks" / "f" / "_joint.json")
     assert "weights changed" in (tmp_path / "run" / "report.html").read_text()
+    images = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.png") if "plots" not in p.parts}
+    again = run_demo(**args)  # started again: the fine-tune's items are found under its digest, nothing redone
+    assert again["samples"] == res["samples"]
+    assert {p: p.stat().st_mtime_ns for p in images} == images
 
 
 def test_the_patch_holds_only_changed_weights_and_the_model_is_restored_bit_exactly(tiny_pipe, tmp_path,

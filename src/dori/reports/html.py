@@ -71,9 +71,9 @@ def _bypass_section(b: dict, samples: list[dict], timing: dict | None) -> str:
     """The paper's table, then image rows: reference | original prompt | DoRI trigger | random, mitigated."""
     top = max(b["budgets"])
     out = [f"<h2>Bypass benchmark: {html.escape(b['attack'])}</h2>",
-           "<p class='muted'>Each memorized image is attacked through its own mask; the non-memorized control "
-           "(seen-once and held-out photos) is attacked with the same budget on the unmitigated model. "
-           "random = the prompt embedding plus Gaussian noise with the norm of DoRI's move.</p>",
+           "<p class='muted'>Each memorized image is attacked through the mitigation (its own mask, or a fine-tuned "
+           "UNet); the non-memorized control (seen-once and held-out photos) is attacked with the same budget on the "
+           "unmitigated model. random = the prompt embedding plus Gaussian noise with the norm of DoRI's move.</p>",
            _table(b["table"], ["setting", "n_images", "n_samples", "mr", "mr_any_seed", "score_mean", "score_std"])]
     t = timing or {}
     if t.get("n"):
@@ -193,7 +193,8 @@ def render_report(run_dir: str | Path) -> Path:
         if own and own["mean"] is not None:
             parts.append(f"<p>non-memorized captions each under one memorized caption's own mask: "
                          f"{similarity(own)}</p>")
-        cols = ["caption", "mask_size", "score_before", "mr_before", "score_after", "mr_after", "seconds"]
+        cols = ["caption", "mask_size", "score_before", "mr_before", "score_after", "mr_after"]
+        cols += ["seconds"] if any(t.get("seconds") is not None for t in mres["table"]) else []  # none: a fine-tune
         cols += [c for c in ("signal_floor", "threshold_reachable") if any(c in t for t in mres["table"])]
         parts.append(_table(mres["table"], cols))
         rows = ["<table><tr><th>caption</th><th>reference</th><th>unmitigated</th><th>mitigated</th></tr>"]
