@@ -49,9 +49,12 @@ def test_a_finetuned_unet_is_measured_and_attacked_like_the_mask_it_equals(tiny_
                 finetuned={"f": str(tmp_path / "ft")}, **SMALL)
     res = run_demo(**args)
 
-    def rows(name):
+    def rows_of(res, name):
         return {(r["stage"], r["setting"].replace(name, "X", 1), r["budget"], r["caption"], r["seed"]): r["score"]
                 for r in res["samples"] if r["setting"].split("+")[0] in (name, f"{name}-joint")}
+
+    def rows(name):
+        return rows_of(res, name)
 
     m, f = rows("m"), rows("f")
     # 2 targets: mitigated, DoRI at budgets 0 and 2, random; 4 side-effect captions under the joint weights
@@ -71,10 +74,25 @@ def test_a_finetuned_unet_is_measured_and_attacked_like_the_mask_it_equals(tiny_
     with pytest.raises(DoriError, match="records a fine-tuned UNet"):
         SavedMasks("x", tmp_path / "run" / "masks" / "f" / "_joint.json")
     assert "weights changed" in (tmp_path / "run" / "report.html").read_text()
+    assert f"digest={record['digest']!r}" in tf["summary"]["method"]
     images = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.png") if "plots" not in p.parts}
     again = run_demo(**args)  # started again: the fine-tune's items are found under its digest, nothing redone
     assert again["samples"] == res["samples"]
     assert {p: p.stat().st_mtime_ns for p in images} == images
+
+    # the fine-tune's weights never reach the rows of the unmitigated model: the control attacked after it
+    # is the control of a run without it
+    alone = run_demo(**{**args, "out": tmp_path / "alone", "finetuned": None})
+
+    def control(r):
+        return {(x["setting"], x["budget"], x["caption"], x["seed"]): x["score"] for x in r["samples"]
+                if x["setting"].startswith("none+") and x["kind"] != "memorized"}
+
+    assert control(alone) and control(alone) == control(res)
+    # another fine-tune in the same folder is another mitigation: its rows are made again, the mask's reused
+    _save_unet(tiny_pipe, tmp_path / "ft" / "unet", _value_rows_mask(tiny_pipe, rows=24))
+    other = run_demo(**args)
+    assert rows("m") == m and rows_of(other, "f") != f
 
 
 def test_the_patch_holds_only_changed_weights_and_the_model_is_restored_bit_exactly(tiny_pipe, tmp_path,
@@ -102,6 +120,13 @@ def test_the_patch_holds_only_changed_weights_and_the_model_is_restored_bit_exac
     assert len(same) == 0 and patch.digest() != same.digest()
     with pytest.raises(DoriError, match="two different fine-tunes"):
         patch.union(same)
+    # saved in half precision: only the weights the fine-tune changed count, the others keep the model's values
+    tuned[name][:3] += 0.5
+    save_file({n: t.half() for n, t in tuned.items()}, str(tmp_path / "half.safetensors"))
+    half = FineTunedUNet("half", tmp_path / "half.safetensors").localize(tiny_pipe, cap)
+    assert half.counts() == patch.counts()
+    assert torch.equal(half.layers[name][3:], param.detach()[3:])
+    assert torch.equal(half.layers[name][:3], tuned[name][:3].half().float())
 
 
 @pytest.mark.parametrize("case, message", [
@@ -111,7 +136,8 @@ def test_the_patch_holds_only_changed_weights_and_the_model_is_restored_bit_exac
     ("extra", "1 parameters the model lacks, e.g. 'extra.weight'"),
     ("shape", "1 of another shape, e.g. 'conv_in.bias'"),
     ("text", "its text encoder differs from the model's"),
-    ("name", "not one of none, nemo, wanda"),
+    ("text-pickle", "its text encoder has no safetensors weights"),
+    ("name", "fine-tune name 'wanda': use letters"),
 ])
 def test_bad_finetuned_unets_are_one_clear_error(tiny_pipe, tmp_path, case, message):
     state = {n: p.detach().contiguous().clone() for n, p in tiny_pipe.unet.named_parameters()}
@@ -129,13 +155,15 @@ def test_bad_finetuned_unets_are_one_clear_error(tiny_pipe, tmp_path, case, mess
         else:
             state["conv_in.bias"] = torch.zeros(3)
         save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
-    elif case == "text":
+    elif case.startswith("text"):
         _save_unet(tiny_pipe, path / "unet")
+        tiny_pipe.text_encoder.save_pretrained(path / "text_encoder")
         te = {n: p.detach().contiguous().clone() for n, p in tiny_pipe.text_encoder.state_dict().items()}
         first = next(iter(te))
         te[first] = te[first] + 1
-        (path / "text_encoder").mkdir()
         save_file(te, str(path / "text_encoder" / "model.safetensors"))
+        if case == "text-pickle":
+            (path / "text_encoder" / "model.safetensors").rename(path / "text_encoder" / "pytorch_model.bin")
     elif case == "name":
         name = "wanda"
         _save_unet(tiny_pipe, path)
@@ -145,10 +173,15 @@ def test_bad_finetuned_unets_are_one_clear_error(tiny_pipe, tmp_path, case, mess
 
 def test_a_pipeline_folder_with_the_models_own_text_encoder_is_taken(tiny_pipe, tmp_path):
     _save_unet(tiny_pipe, tmp_path / "ft" / "unet")
-    tiny_pipe.text_encoder.save_pretrained(tmp_path / "ft" / "text_encoder")
+    te = tmp_path / "ft" / "text_encoder"
+    tiny_pipe.text_encoder.save_pretrained(te)
     ft = FineTunedUNet("ft", tmp_path / "ft")
     ft.check(tiny_pipe, [])
     assert len(ft.patch(tiny_pipe)) == 0  # the model's own weights: nothing changed (a warning says so)
+    # the same weights under the key names of older transformers (SD v1.4's files): the same text encoder
+    state = {f"text_model.{n}": p.detach().contiguous().clone() for n, p in tiny_pipe.text_encoder.state_dict().items()}
+    save_file(state, str(te / "model.safetensors"))
+    FineTunedUNet("ft", tmp_path / "ft").check(tiny_pipe, [])
 
 
 def test_finetuned_from_the_command_line(monkeypatch, tmp_path):

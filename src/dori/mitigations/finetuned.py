@@ -106,9 +106,9 @@ def unet_weight_files(path: Path) -> tuple[list[Path], Path | None]:
     if not unet.is_dir():
         raise DoriError(f"fine-tuned UNet {path}: not found; give a diffusers pipeline folder (with unet/), a UNet "
                         "folder (config.json and diffusion_pytorch_model.safetensors) or a UNet .safetensors file")
-    index = unet / f"{WEIGHTS}.safetensors.index.json"
-    if index.is_file():  # sharded: the index names each parameter's file
-        return sorted({unet / f for f in json.loads(index.read_text())["weight_map"].values()}), text
+    for index in (unet / f"{WEIGHTS}.safetensors.index.json", unet / f"{WEIGHTS}.fp16.safetensors.index.json"):
+        if index.is_file():  # sharded: the index names each parameter's file
+            return sorted({unet / f for f in json.loads(index.read_text())["weight_map"].values()}), text
     for name in (f"{WEIGHTS}.safetensors", f"{WEIGHTS}.fp16.safetensors"):
         if (unet / name).is_file():
             return [unet / name], text
@@ -130,8 +130,17 @@ def _read(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
 def weight_patch(base: torch.nn.Module, tuned: dict[str, torch.Tensor], source: str) -> WeightPatch:
-    """The parameters of ``tuned`` (a UNet's state dict) that differ from ``base``'s, cast to its dtype."""
+    """The weights of ``tuned`` (a UNet's state dict) that differ from ``base``'s, in ``base``'s dtype.
+
+    Weights are compared in the coarser of the two dtypes, so a fine-tune saved in half precision from a
+    model run in single precision changes only the weights its training changed; the others keep the
+    model's own values.
+    """
     params = dict(base.named_parameters())
     missing, extra = sorted(set(params) - set(tuned)), sorted(set(tuned) - set(params))
     shapes = [n for n in params if n in tuned and tuple(tuned[n].shape) != tuple(params[n].shape)]
@@ -143,19 +152,37 @@ def weight_patch(base: torch.nn.Module, tuned: dict[str, torch.Tensor], source: 
         raise DoriError(f"fine-tuned UNet {source} is not a UNet of this model's architecture ({first}); it must "
                         "be the model's UNet fine-tuned, in diffusers' parameter names (convert an original "
                         "checkpoint with diffusers' conversion script first)")
-    layers, changed = {}, {}
+    layers, changed, dtypes = {}, {}, set()
     for name, p in params.items():
-        new = tuned[name].to(dtype=p.dtype)
-        old = p.detach().cpu()
-        if not torch.equal(new, old):
-            layers[name], changed[name] = new.contiguous(), int((new != old).sum())
+        old, t = p.detach().cpu(), tuned[name]
+        if t.dtype != old.dtype and t.is_floating_point():
+            dtypes.add(str(t.dtype).removeprefix("torch."))
+            c = _coarser(t.dtype, old.dtype)
+            same = old.to(c) == t.to(c)
+            new = torch.where(same, old, t.to(old.dtype))
+        else:
+            same, new = old == t, t
+        if not bool(same.all()):
+            layers[name], changed[name] = new.contiguous(), int((~same).sum())
+    if dtypes:
+        log.warning("fine-tuned UNet %s is saved in %s and the model runs in %s: its weights equal to the model's at "
+                    "the coarser precision are taken as unchanged", source, "/".join(sorted(dtypes)),
+                    str(next(iter(params.values())).dtype).removeprefix("torch."))
     return WeightPatch(layers, changed, {"source": source})
 
 
-def _state_differs(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
-    own = module.state_dict()
-    return any(n not in own or not torch.equal(t.to(dtype=own[n].dtype), own[n].detach().cpu())
-               for n, t in tensors.items())
+def _text_encoder_differs(pipe, folder: Path, source: Path) -> bool:
+    """Whether the text encoder saved in ``folder`` has other weights than the pipeline's (loaded as
+    transformers loads it, so files of older transformers versions, with other key names, compare right)."""
+    if not any(folder.glob("*.safetensors")):
+        raise DoriError(f"fine-tuned model {source}: its text encoder has no safetensors weights (dori never loads "
+                        f"pickles), so it cannot be checked against the model's; give {source / 'unet'} to take the "
+                        "UNet alone")
+    own = pipe.text_encoder
+    saved = type(own).from_pretrained(str(folder), use_safetensors=True).state_dict()
+    mine = own.state_dict()
+    return set(saved) != set(mine) or any(
+        not torch.equal(saved[n].to(mine[n].dtype), mine[n].detach().cpu()) for n in mine)
 
 
 class FineTunedUNet:
@@ -166,7 +193,7 @@ class FineTunedUNet:
     saves_masks = False  # the run records the patch (masks/NAME/_joint.json), not a copy of its weights
 
     def __init__(self, name: str, path: str | Path, taken: set[str] = frozenset()):
-        check_mask_set_name(name, taken)
+        check_mask_set_name(name, taken, "fine-tune", "--finetuned ablated=models/sd-ablated")
         self.name, self.path = name, Path(path)
         self.files, self.text_encoder = unet_weight_files(self.path)  # a bad path fails before the model loads
         self._patch: WeightPatch | None = None
@@ -180,12 +207,10 @@ class FineTunedUNet:
 
     def patch(self, pipe) -> WeightPatch:
         if self._patch is None:
-            if self.text_encoder is not None:
-                files = sorted(self.text_encoder.glob("*.safetensors"))
-                if files and _state_differs(pipe.text_encoder, _read(files)):
-                    raise DoriError(f"fine-tuned model {self.path}: its text encoder differs from the model's. DoRI "
-                                    "attacks the text encoder's output, so --finetuned takes a fine-tuned UNet only; "
-                                    "to audit that whole model as it is, give it as --model with --mitigation none")
+            if self.text_encoder is not None and _text_encoder_differs(pipe, self.text_encoder, self.path):
+                raise DoriError(f"fine-tuned model {self.path}: its text encoder differs from the model's. DoRI "
+                                "attacks the text encoder's output, so --finetuned takes a fine-tuned UNet only; "
+                                "to audit that whole model as it is, give it as --model with --mitigation none")
             patch = weight_patch(pipe.unet, _read(self.files), str(self.path))
             patch.meta["method"] = self.name
             if not patch.layers:
@@ -194,12 +219,10 @@ class FineTunedUNet:
             self._patch = patch
         return self._patch
 
-    def params(self) -> dict:
-        return {"source": str(self.path), "digest": self._patch.digest() if self._patch is not None else None}
-
     def localize(self, pipe, prompt: str) -> WeightPatch:
         patch = self.patch(pipe)
         return dataclasses.replace(patch, meta={**patch.meta, "prompt": prompt})
 
-    def __repr__(self) -> str:
-        return f"FineTunedUNet(name={self.name!r}, path={str(self.path)!r})"
+    def __repr__(self) -> str:  # the report's and results.json's record of the mitigation: with its digest once read
+        digest = f", digest={self._patch.digest()!r}" if self._patch is not None else ""
+        return f"FineTunedUNet(name={self.name!r}, path={str(self.path)!r}{digest})"

@@ -195,16 +195,18 @@ def per_sample_neuron_masks(unet: torch.nn.Module, masks: dict[str, torch.Tensor
 RESERVED_NAMES = ("none", "nemo", "wanda", "memorized", "non-memorized")
 
 
-def check_mask_set_name(name: str, taken: set[str] = frozenset()) -> None:
-    """A saved mask set's name is a folder name and the setting of its rows: it must not be another's."""
+def check_mask_set_name(name: str, taken: set[str] = frozenset(), what: str = "mask set",
+                        example: str = "--masks mine=DIR/masks/wanda") -> None:
+    """A saved mask set's (or a fine-tune's) name is a folder name and the setting of its rows: it must not be
+    another's."""
     import re
 
     lower = name.lower()  # folders of names differing in case are one folder on some file systems
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or lower in RESERVED_NAMES \
             or lower.endswith(("-joint", "-own")) or lower in {t.lower() for t in taken}:
-        raise DoriError(f"mask set name {name!r}: use letters, digits, '_', '.' or '-' (a folder and row name), "
-                        f"not one of {', '.join(RESERVED_NAMES)} nor another set's name (in any case), and not "
-                        "ending in -joint or -own; e.g. --masks mine=DIR/masks/wanda")
+        raise DoriError(f"{what} name {name!r}: use letters, digits, '_', '.' or '-' (a folder and row name), "
+                        f"not one of {', '.join(RESERVED_NAMES)} nor another mask set's or fine-tune's name (in any "
+                        f"case), and not ending in -joint or -own; e.g. {example}")
 
 
 class SavedMasks:
