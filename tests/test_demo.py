@@ -238,7 +238,8 @@ def _sd_shaped_pipeline(folder):
 def test_the_bypass_runs_on_a_latent_sd_shaped_pipeline_with_sscd_and_nemos_files(tmp_path):
     """The SD workflow end to end, on random weights (nothing replicates; what is checked is that every stage
     runs and reports): NeMo's prompt files with reference images of other sizes, an SSCD TorchScript file, a
-    latent VAE, classifier-free guidance, a mitigation that leaves no non-memorized caption to compare."""
+    latent VAE, classifier-free guidance, a mitigation that leaves no non-memorized caption to compare, and a
+    fine-tune given as a pipeline folder with its UNet in half precision."""
     import numpy as np
     import torch
     from PIL import Image
@@ -257,15 +258,28 @@ def test_the_bypass_runs_on_a_latent_sd_shaped_pipeline_with_sscd_and_nemos_file
             return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
 
     torch.jit.script(Descriptor()).save(str(tmp_path / "sscd.pt"))
+    # a fine-tune of it, as a pipeline folder (its own text encoder) with the UNet saved in half precision
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(tmp_path / "model", tmp_path / "ft", ignore=shutil.ignore_patterns("unet"))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet")
+    v = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v.weight
+    v.data[:4] += 0.25
+    unet.half().save_pretrained(tmp_path / "ft" / "unet")
     res = run_demo(model=str(tmp_path / "model"), out=tmp_path / "run", prompt_set=str(tmp_path / "mem.csv"),
                    images_dir=str(tmp_path / "mem"), control_prompts=str(tmp_path / "unmem.csv"),
                    control_images_dir=str(tmp_path / "unmem"), metric="sscd-nemo", sscd_path=str(tmp_path / "sscd.pt"),
                    stages=["generate", "wanda", "bypass"], seeds=(0,), num_inference_steps=3, budgets=(0, 2),
-                   attack=dict(pairs=2), token_variants=0, method_params={"wanda": {"sparsity": 0.05}})
+                   attack=dict(pairs=2), token_variants=0, method_params={"wanda": {"sparsity": 0.05}},
+                   finetuned={"ft": str(tmp_path / "ft")})
+    assert res["mitigations"]["ft"]["summary"]["joint_mask_size"] == 4 * v.shape[1]  # what it changed, no more
     assert res["manifest"]["config"]["resolved_attack"]["steps"] == 2  # what ran, not DoRI's default 50
     assert res["manifest"]["config"]["resolved_generation"]["guidance_scale"] == 7.5  # SD's default
     table = [t["setting"] for t in res["bypass"]["table"]]
-    assert table[:3] == ["memorized (no mitigation)", "wanda", "wanda + DoRI (2 steps)"] and "non-memorized" in table
+    assert table[0] == "memorized (no mitigation)" and "non-memorized" in table
+    assert {"wanda", "wanda + DoRI (2 steps)", "ft", "ft + DoRI (2 steps)"} <= set(table)
     assert all((tmp_path / "run" / r["image"]).is_file() for r in res["samples"])
     assert {r["kind"] for r in res["samples"] if r["setting"] == "none+dori"} == {"N"}  # the control, attacked
     assert "not measured" in (tmp_path / "run" / "report.html").read_text()  # no non-memorized caption to compare
