@@ -288,6 +288,48 @@ def attack(
 
 
 @app.command()
+def finetune(
+    out: Path = typer.Option(..., help="folder for the fine-tuned UNet (OUT/unet) and its record"),
+    model: str = typer.Option("tiny"),
+    prompts: str = typer.Option("tiny", help="prompt set name or file: its memorized captions are fine-tuned against"),
+    images_dir: str = typer.Option(None),
+    targets: int = typer.Option(None, help="the first N memorized captions (default: all)"),
+    surrogate: str = typer.Option("wanda", help="wanda or nemo: the pruning whose image from each memorized "
+                                                "prompt is what it is steered to"),
+    epochs: int = typer.Option(5, help="epochs, each with fresh DoRI triggers against the current weights"),
+    steps: int = typer.Option(50, help="Adam steps per epoch"),
+    lr: float = typer.Option(1e-4, help="Adam learning rate"),
+    batch: int = typer.Option(8, help="images per loss term and step"),
+    keep_prompts: str = typer.Option(None, help="ordinary captions with images that keep the model's utility "
+                                                "(default for the tiny model: its own non-memorized training pairs)"),
+    keep_images_dir: str = typer.Option(None, help="folder with the keep prompts' images"),
+    stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
+    param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    seed: int = typer.Option(0, help="seed of the surrogates' sampling, DoRI's draws and the fine-tuning's"),
+    device: str = typer.Option("cpu"),
+):
+    """Adversarial fine-tuning (PAPER.md section 8), the mitigation that does not assume locality: each epoch
+    finds fresh DoRI triggers against the current weights and steers them, and the original prompts, to a
+    surrogate image, while ordinary pairs keep the model's utility. Writes OUT/unet; audit it with
+    `dori attack --finetuned NAME=OUT/unet`. A killed run resumes after its last finished epoch."""
+    import shlex
+
+    from dori.analyses.finetune import run_finetune
+
+    res = run_finetune(out, model=model, prompt_set=prompts, images_dir=images_dir, surrogate=surrogate,
+                       max_targets=targets, keep_prompts=keep_prompts, keep_images_dir=keep_images_dir,
+                       epochs=epochs, steps=steps, lr=lr, batch=batch, method_params=_method_params(param),
+                       stats_prompts=stats_prompts, seed=seed, device=device)
+    for e in res["epochs"]:
+        loss = e["dori_final_loss"]
+        _say(f"epoch {e['epoch']}: DoRI's final loss {'-' if loss is None else f'{loss:.4f}'}, "
+             f"L_adv {e['loss_adv']:.4f}, L_DM {e['loss_dm']:.4f} ({e['seconds']} s)")
+    _say(f"wrote {res['unet']} ({len(res['targets'])} memorized captions, {res['keep_pairs']} ordinary pairs kept) "
+         f"in {res['manifest']['seconds']} s; audit it: dori attack --model {shlex.quote(model)} --prompts "
+         f"{shlex.quote(prompts)} --finetuned adversarial={shlex.quote(str(res['unet']))}")
+
+
+@app.command()
 def run(
     path: Path = typer.Argument(..., help="a TOML or JSON run file, a run directory (resumes it) or a results.json "
                                           "(repeats that run)"),

@@ -1,0 +1,154 @@
+"""`dori finetune`: adversarial fine-tuning of a model's UNet against DoRI, written as a fine-tuned UNet
+folder that the bypass benchmark audits with ``dori attack --finetuned NAME=OUT/unet``.
+
+Layout of ``out``: ``masks/<surrogate>/`` (the pruning masks that draw the surrogates), ``surrogates/``
+(one PNG per memorized caption: what its memorized image is steered to), ``checkpoints/`` (the last
+finished epoch, removed at the end), ``unet/`` (the fine-tuned UNet, diffusers' format, safetensors) and
+``finetune.json`` (manifest, settings, one record per epoch). A killed run started again with the same
+arguments resumes after its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dori.errors import DoriError
+
+log = logging.getLogger(__name__)
+
+
+def keep_pairs(pipe, keep_prompts: str | None, keep_images_dir: str | None) -> tuple[torch.Tensor, list[str]]:
+    """The ordinary image-caption pairs of L_DM: ``keep_prompts`` (non-memorized captions with their images),
+    or, for a tiny model of dori's recipe, its own training pairs that are not memorized."""
+    from dori.analyses.bypass import target_images
+    from dori.data.prompts import load_prompt_set, load_reference
+
+    if keep_prompts:
+        recs = [r for r in load_prompt_set(keep_prompts, keep_images_dir, default_kind="N")
+                if not r.memorized and r.reference_status == "ok"]
+        if not recs:
+            raise DoriError(f"--keep-prompts {keep_prompts}: no non-memorized caption with its image on disk (check "
+                            "--keep-images-dir)")
+        return target_images(pipe, [load_reference(r) for r in recs]), [r.caption for r in recs]
+    if getattr(pipe, "dori_recipe", None) is None:
+        raise DoriError("adversarial fine-tuning keeps the model's utility with ordinary image-caption pairs: give "
+                        "--keep-prompts FILE --keep-images-dir DIR (e.g. NeMo's unmemorized LAION prompts and images)")
+    from dori.data.tiny import spec_from_recipe
+    from dori.zoo.tiny_data import build_train_set
+
+    data = build_train_set(spec_from_recipe(pipe.dori_recipe))
+    rows = [i for i, k in enumerate(data.kinds) if k != "memorized"]
+    return data.images[rows], [data.captions[i] for i in rows]
+
+
+def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny", images_dir: str | None = None,
+                 surrogate: str = "wanda", max_targets: int | None = None, keep_prompts: str | None = None,
+                 keep_images_dir: str | None = None, epochs: int = 5, steps: int = 50, lr: float = 1e-4,
+                 batch: int = 8, attack: dict | None = None, method_params: dict | None = None,
+                 stats_prompts: str | None = None, seed: int = 0, device: str = "cpu",
+                 command: str = "dori finetune") -> dict:
+    """Adversarially fine-tune ``model``'s UNet against DoRI on the memorized captions of ``prompt_set`` (the
+    first ``max_targets``; None: all); write ``out`` (module docstring) and return ``finetune.json``'s dict.
+
+    ``surrogate``: the pruning (wanda or nemo, with ``method_params``) whose generation from each memorized
+    prompt (sampling seed ``seed``) is the image that prompt and its triggers are steered to. ``attack``:
+    DoRI's parameters (default: the model's). ``keep_prompts``: see :func:`keep_pairs`.
+    """
+    from dori.analyses.demo import check_method_params, make_attack, make_method
+    from dori.analyses.mitigate import attack_targets, localize_masks, require_unique_captions
+    from dori.analyses.runfile import absolute_path
+    from dori.data.prompts import load_image, load_prompt_set, load_reference
+    from dori.mitigations.adversarial_finetuning import AdversarialFineTuning
+    from dori.mitigations.masks import apply_mask
+    from dori.models.generate import generate
+    from dori.models.loading import check_device, load_pipeline, model_id
+    from dori.registry import MODELS, PROMPT_SETS
+    from dori.reports.images import save_png, slug
+    from dori.reports.results import manifest, write_json
+
+    t0 = time.time()
+    out = Path(out)
+    model, prompt_set = absolute_path(model, MODELS), absolute_path(prompt_set, PROMPT_SETS)
+    images_dir, keep_prompts, keep_images_dir = (p and str(absolute_path(p))
+                                                 for p in (images_dir, keep_prompts, keep_images_dir))
+    config = dict(model=str(model), prompt_set=str(prompt_set), images_dir=images_dir, surrogate=surrogate,
+                  max_targets=max_targets, keep_prompts=keep_prompts, keep_images_dir=keep_images_dir,
+                  epochs=epochs, steps=steps, lr=lr, batch=batch, attack=attack, method_params=method_params,
+                  stats_prompts=stats_prompts, seed=seed, device=device)
+    man = manifest(command, config, [seed])
+    loop = AdversarialFineTuning(epochs=epochs, steps=steps, lr=lr, batch=batch)  # bad values fail here
+    if surrogate not in ("wanda", "nemo"):
+        raise DoriError(f"--surrogate takes wanda or nemo (the pruning that draws the surrogate images), got "
+                        f"{surrogate!r}")
+    check_method_params(method_params or {}, [surrogate])
+    if max_targets is not None and max_targets < 1:
+        raise DoriError(f"max_targets must be 1 or more (None: all), got {max_targets}")
+    records = load_prompt_set(prompt_set, images_dir)
+    targets = attack_targets(records, max_targets)
+    if not targets:
+        raise DoriError(f"the prompt set {prompt_set} has no memorized prompt with its reference image on disk: "
+                        "nothing to fine-tune against (check --images-dir)")
+    require_unique_captions(targets)
+    check_device(device)
+    done = out / "finetune.json"
+    if done.is_file():  # a finished run: the same settings are done, other ones would replace it
+        import json
+
+        old = json.loads(done.read_text())
+        if old.get("manifest", {}).get("config") == json.loads(json.dumps(config)) and (out / "unet").is_dir():
+            log.info("%s holds this fine-tune already (finetune.json): nothing to do", out)
+            return old
+        raise DoriError(f"{out} holds a fine-tune made with other settings (finetune.json): give another --out")
+    if (out / "unet").exists() and not (out / "checkpoints").is_dir():
+        raise DoriError(f"{out / 'unet'} exists and was not written by dori finetune: give another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoriError(f"cannot make {out}: {e.strerror}; give --out a folder you can write") from None
+    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise DoriError(f"cannot read and write in {out}: give --out a folder you can write")
+
+    pipe = load_pipeline(model, device=device)
+    dori = make_attack(pipe, attack)
+    method = make_method(surrogate, pipe, stats_prompts, (method_params or {}).get(surrogate))
+    masks = localize_masks(pipe, method, targets, out)  # saved under out/masks/<surrogate>, reused on resume
+    surrogates = []
+    for rec in targets:  # read back from the PNG, so that a resumed run steers to the same 8-bit image
+        png = out / "surrogates" / f"{slug(rec.caption)}.png"
+        if not png.is_file():
+            with apply_mask(pipe, masks[rec.caption]):
+                save_png(generate(pipe, [rec.caption], seeds=[seed]).images[0], png)
+        surrogates.append(load_image(png).float())
+    from dori.analyses.bypass import target_images
+
+    images = target_images(pipe, [load_reference(r) for r in targets])
+    keep_x, keep_c = keep_pairs(pipe, keep_prompts, keep_images_dir)
+    base = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters()}
+    key = {"model": model_id(pipe), "attack": dori.params(), "targets": [r.caption for r in targets],
+           "surrogate": [m.digest() for m in masks.values()], "keep": len(keep_c)}
+    try:
+        epochs_run = loop.run(pipe, images, [r.caption for r in targets], torch.stack(surrogates), keep_x, keep_c,
+                              dori, seed=seed, checkpoints=out / "checkpoints", key=key)
+        tmp = out / "unet.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.unet.save_pretrained(tmp)  # safetensors
+        shutil.rmtree(out / "unet", ignore_errors=True)
+        tmp.rename(out / "unet")
+    finally:
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                p.copy_(base[n])
+    man["seconds"] = round(time.time() - t0, 1)
+    man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result = {"manifest": man, "fine_tuning": loop.params(), "attack": repr(dori), "surrogate": repr(method),
+              "targets": [r.caption for r in targets], "keep_pairs": len(keep_c), "epochs": epochs_run,
+              "unet": str(out / "unet")}
+    write_json(out / "finetune.json", result)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the weights are in unet/ now
+    return result

@@ -1,0 +1,105 @@
+"""Adversarial fine-tuning (dori.mitigations.adversarial_finetuning, `dori finetune`): fresh DoRI triggers per
+epoch, a UNet folder the bypass benchmark audits with --finetuned, resumable after a kill."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dori.mitigations.adversarial_finetuning as adv
+from dori.analyses.finetune import keep_pairs, run_finetune
+from dori.errors import DoriError
+from dori.mitigations.finetuned import FineTunedUNet
+
+SMALL = dict(max_targets=1, epochs=2, steps=2, batch=2, attack={"steps": 2, "pairs": 2})
+
+
+@pytest.fixture
+def small_keep(monkeypatch):
+    """A few ordinary pairs instead of the tiny recipe's 6,691 (built in `test_the_tiny_models_own_pairs_...`)."""
+    from dori.data.prompts import load_prompt_set, load_reference
+
+    recs = [r for r in load_prompt_set("tiny") if r.kind == "seen_once" and r.reference_status == "ok"][:4]
+    pairs = (torch.stack([load_reference(r) for r in recs]), [r.caption for r in recs])
+    monkeypatch.setattr("dori.analyses.finetune.keep_pairs", lambda *a: pairs)
+
+
+def test_a_killed_fine_tuning_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, small_keep,
+                                                                              tiny_pipe):
+    whole = run_finetune(tmp_path / "a", **SMALL)
+    assert [e["epoch"] for e in whole["epochs"]] == [0, 1] and not (tmp_path / "a" / "checkpoints").exists()
+    save = adv._save
+
+    def save_then_die(folder, key, records, *a):
+        save(folder, key, records, *a)
+        raise KeyboardInterrupt("killed after the first epoch")
+
+    monkeypatch.setattr(adv, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tmp_path / "b", **SMALL)
+    assert not (tmp_path / "b" / "unet").exists() and (tmp_path / "b" / "checkpoints" / "last.json").is_file()
+    monkeypatch.setattr(adv, "_save", save)
+    resumed = run_finetune(tmp_path / "b", **SMALL)
+    a, b = (load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [{**e, "seconds": 0} for e in resumed["epochs"]] == [{**e, "seconds": 0} for e in whole["epochs"]]
+
+    # the result is a fine-tune the bypass benchmark takes; every weight moved, the model's own files did not
+    patch = FineTunedUNet("adv", tmp_path / "a" / "unet").patch(tiny_pipe)
+    assert len(patch) > 0.9 * sum(p.numel() for p in tiny_pipe.unet.parameters())
+    # started again when finished: nothing is redone
+    stamp = (tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert run_finetune(tmp_path / "a", **SMALL)["epochs"] == whole["epochs"]
+    assert (tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(DoriError, match="holds a fine-tune made with other settings"):
+        run_finetune(tmp_path / "a", **{**SMALL, "lr": 1e-3})
+    record = json.loads((tmp_path / "a" / "finetune.json").read_text())
+    assert record["manifest"]["config"]["epochs"] == 2 and len(record["surrogate"]) > 0
+    assert len(list((tmp_path / "a" / "surrogates").glob("*.png"))) == 1
+
+
+def test_the_tiny_models_own_pairs_keep_its_utility_and_hold_no_memorized_photo(tiny_pipe):
+    from dori.data.tiny import spec_from_recipe
+
+    images, captions = keep_pairs(tiny_pipe, None, None)
+    memorized = set(spec_from_recipe(tiny_pipe.dori_recipe).memorized)
+    assert len(images) == len(captions) > 6000 and images.shape[1:] == (3, 32, 32)
+    from dori.zoo.tiny_data import PHOTO_CAPTIONS
+
+    assert not {PHOTO_CAPTIONS[n] for n in memorized} & set(captions)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(surrogate="esd"), "--surrogate takes wanda or nemo"),
+    (dict(epochs=0), "epochs=0 is out of range"),
+    (dict(max_targets=0), "max_targets must be 1 or more"),
+    (dict(method_params={"wanda": {"spars": 0.1}}), "wanda has no parameter ['spars']"),
+    (dict(prompt_set="PROMPTS"), "has no memorized prompt with its reference image"),
+])
+def test_bad_fine_tuning_input_is_one_clear_error_before_the_model_loads(tmp_path, monkeypatch, args, message):
+    import dori.models.loading as loading
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    args = {k: str(tmp_path / "p.txt") if v == "PROMPTS" else v for k, v in args.items()}
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
+    with pytest.raises(DoriError, match=re.escape(message)):
+        run_finetune(tmp_path / "o", **args)
+
+
+def test_finetune_from_the_command_line(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from dori.cli import app
+
+    calls = []
+    fake = {"epochs": [{"epoch": 0, "dori_final_loss": 0.5, "loss_adv": 0.1, "loss_dm": 0.2, "seconds": 1.0}],
+            "unet": str(tmp_path / "unet"), "targets": ["x"], "keep_pairs": 3, "manifest": {"seconds": 2.0}}
+    monkeypatch.setattr("dori.analyses.finetune.run_finetune", lambda out, **kw: calls.append(kw) or fake)
+    r = CliRunner().invoke(app, ["finetune", "--out", str(tmp_path), "--targets", "2", "--epochs", "3",
+                                 "--surrogate", "nemo", "-p", "nemo.theta=4"])
+    assert r.exit_code == 0, r.output
+    assert calls[0]["max_targets"] == 2 and calls[0]["epochs"] == 3 and calls[0]["surrogate"] == "nemo"
+    assert calls[0]["method_params"] == {"nemo": {"theta": 4}}
+    assert "epoch 0: DoRI's final loss 0.5000" in r.output and "--finetuned adversarial=" in r.output
