@@ -57,6 +57,7 @@ def test_a_killed_fine_tuning_resumes_to_the_weights_of_an_uninterrupted_one(tmp
         run_finetune(tmp_path / "a", **{**SMALL, "lr": 1e-3})
     record = json.loads((tmp_path / "a" / "finetune.json").read_text())
     assert record["manifest"]["config"]["epochs"] == 2 and len(record["surrogate"]) > 0
+    assert [set(s) for s in record["surrogates"]] == [{"caption", "seed", "score", "replicates", "copies_among_seeds"}]
     assert len(list((tmp_path / "a" / "surrogates").glob("*.png"))) == 1
 
 
@@ -95,6 +96,7 @@ def test_finetune_from_the_command_line(monkeypatch, tmp_path):
 
     calls = []
     fake = {"epochs": [{"epoch": 0, "dori_final_loss": 0.5, "loss_adv": 0.1, "loss_dm": 0.2, "seconds": 1.0}],
+            "surrogates": [{"caption": "old coins", "seed": 2, "replicates": False, "copies_among_seeds": 2}],
             "unet": str(tmp_path / "unet"), "targets": ["x"], "keep_pairs": 3, "manifest": {"seconds": 2.0}}
     monkeypatch.setattr("dori.analyses.finetune.run_finetune", lambda out, **kw: calls.append(kw) or fake)
     r = CliRunner().invoke(app, ["finetune", "--out", str(tmp_path), "--targets", "2", "--epochs", "3",
@@ -103,3 +105,32 @@ def test_finetune_from_the_command_line(monkeypatch, tmp_path):
     assert calls[0]["max_targets"] == 2 and calls[0]["epochs"] == 3 and calls[0]["surrogate"] == "nemo"
     assert calls[0]["method_params"] == {"nemo": {"theta": 4}}
     assert "epoch 0: DoRI's final loss 0.5000" in r.output and "--finetuned adversarial=" in r.output
+    assert "where the first seeds drew a copy: old coins (seed 2)" in r.output
+
+
+def test_the_surrogate_is_the_first_generation_that_is_no_copy(tiny_pipe, tmp_path, caplog):
+    """Steering a memorized image to a copy of itself would keep it: a seed whose generation replicates is
+    passed over; when every seed does, the lowest scoring one is taken, with a warning."""
+    from dori.analyses.finetune import SURROGATE_SEEDS, pick_surrogate
+    from dori.analyses.mitigate import attack_targets
+    from dori.data.prompts import load_prompt_set
+    from dori.metrics.base import ReplicationMetric
+    from dori.mitigations.masks import Mask
+
+    class Scripted(ReplicationMetric):  # seeds 3 and 4 copy, seed 5 does not
+        def score(self, generated, reference):
+            if len(generated) == 1:
+                return torch.tensor([0.2])
+            return torch.tensor([0.9, 0.8, 0.7] + [0.2] * (SURROGATE_SEEDS - 3))
+
+    rec = attack_targets(load_prompt_set("tiny"), 1)[0]
+    got = pick_surrogate(tiny_pipe, Mask("neuron", {}), rec, Scripted(), 3, tmp_path / "s.png")
+    assert got["seed"] == 6 and not got["replicates"] and got["copies_among_seeds"] == 3
+    assert json.loads((tmp_path / "s.json").read_text()) == got  # reused when the run starts again
+
+    from dori.analyses.demo import make_metric
+
+    with caplog.at_level("WARNING"):  # no pruning at all: the model draws its memorized photo in every seed
+        got = pick_surrogate(tiny_pipe, Mask("neuron", {}), rec, make_metric(None, tiny_pipe), 0, tmp_path / "c.png")
+    assert got["replicates"] and got["copies_among_seeds"] == SURROGATE_SEEDS
+    assert "is a copy, and the fine-tuning will keep it" in caplog.text

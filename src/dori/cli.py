@@ -305,7 +305,10 @@ def finetune(
     keep_images_dir: str = typer.Option(None, help="folder with the keep prompts' images"),
     stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
     param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
-    seed: int = typer.Option(0, help="seed of the surrogates' sampling, DoRI's draws and the fine-tuning's"),
+    metric: str = typer.Option(None, help="the replication metric that tells a surrogate from a copy"),
+    sscd: str = typer.Option(None),
+    seed: int = typer.Option(0, help="first sampling seed of the surrogates; seed of DoRI's draws and the "
+                                     "fine-tuning's"),
     device: str = typer.Option("cpu"),
 ):
     """Adversarial fine-tuning (PAPER.md section 8), the mitigation that does not assume locality: each epoch
@@ -319,7 +322,11 @@ def finetune(
     res = run_finetune(out, model=model, prompt_set=prompts, images_dir=images_dir, surrogate=surrogate,
                        max_targets=targets, keep_prompts=keep_prompts, keep_images_dir=keep_images_dir,
                        epochs=epochs, steps=steps, lr=lr, batch=batch, method_params=_method_params(param),
-                       stats_prompts=stats_prompts, seed=seed, device=device)
+                       stats_prompts=stats_prompts, metric=metric, sscd_path=sscd, seed=seed, device=device)
+    moved = [f"{s['caption'][:40]} (seed {s['seed']}{', a copy' if s['replicates'] else ''})"
+             for s in res["surrogates"] if s["copies_among_seeds"]]
+    _say(f"surrogates: {len(res['surrogates'])} generations of the pruned model"
+         + (f"; where the first seeds drew a copy: {' | '.join(moved)}" if moved else ", none a copy"))
     for e in res["epochs"]:
         loss = e["dori_final_loss"]
         _say(f"epoch {e['epoch']}: DoRI's final loss {'-' if loss is None else f'{loss:.4f}'}, "

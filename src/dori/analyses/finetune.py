@@ -10,6 +10,7 @@ arguments resumes after its last finished epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,42 @@ import torch
 from dori.errors import DoriError
 
 log = logging.getLogger(__name__)
+
+SURROGATE_SEEDS = 8  # sampling seeds tried per memorized caption for a surrogate that does not replicate
+
+
+def pick_surrogate(pipe, mask, rec, metric, seed: int, png: Path) -> dict:
+    """The surrogate of ``rec``'s memorized image: the first of the pruned model's generations from its prompt
+    (sampling seeds ``seed``, ``seed + 1``, ...) that does not replicate the image (the algorithm wants the
+    same meaning in other pixels: steering to a copy would keep the copy), written to ``png``; if every
+    seed replicates, the one that scores lowest, with a warning. Returns its seed, score and verdict, as
+    scored on the PNG read back."""
+    from dori.data.prompts import load_image, load_reference
+    from dori.mitigations.masks import apply_mask
+    from dori.models.generate import generate
+    from dori.reports.images import save_png
+    from dori.reports.results import write_json
+
+    info = png.with_suffix(".json")
+    if png.is_file() and info.is_file():
+        return json.loads(info.read_text())
+    ref = load_reference(rec).float()
+    seeds = list(range(seed, seed + SURROGATE_SEEDS))
+    with apply_mask(pipe, mask):
+        images = generate(pipe, [rec.caption], seeds=seeds).images.float().cpu()
+    scores = metric.score(images, ref)
+    copies = metric.replicated(scores, ref)
+    i = int((~copies).nonzero()[0]) if not bool(copies.all()) else int(scores.argmin())
+    save_png(images[i], png)
+    score = metric.score(load_image(png).float()[None], ref)
+    out = {"caption": rec.caption, "seed": seeds[i], "score": float(score[0]),
+           "replicates": bool(metric.replicated(score, ref)[0]), "copies_among_seeds": int(copies.sum())}
+    if out["replicates"]:
+        log.warning("every one of %d generations of the pruned model from %r replicates its memorized image: the "
+                    "surrogate (seed %d, score %.2f) is a copy, and the fine-tuning will keep it; use another "
+                    "--surrogate", len(seeds), rec.caption[:60], out["seed"], out["score"])
+    write_json(info, out)  # written last: marks the surrogate complete
+    return out
 
 
 def keep_pairs(pipe, keep_prompts: str | None, keep_images_dir: str | None) -> tuple[torch.Tensor, list[str]]:
@@ -51,25 +88,24 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
                  surrogate: str = "wanda", max_targets: int | None = None, keep_prompts: str | None = None,
                  keep_images_dir: str | None = None, epochs: int = 5, steps: int = 50, lr: float = 1e-4,
                  batch: int = 8, attack: dict | None = None, method_params: dict | None = None,
-                 stats_prompts: str | None = None, seed: int = 0, device: str = "cpu",
-                 command: str = "dori finetune") -> dict:
+                 stats_prompts: str | None = None, metric: str | None = None, sscd_path: str | None = None,
+                 seed: int = 0, device: str = "cpu", command: str = "dori finetune") -> dict:
     """Adversarially fine-tune ``model``'s UNet against DoRI on the memorized captions of ``prompt_set`` (the
     first ``max_targets``; None: all); write ``out`` (module docstring) and return ``finetune.json``'s dict.
 
     ``surrogate``: the pruning (wanda or nemo, with ``method_params``) whose generation from each memorized
-    prompt (sampling seed ``seed``) is the image that prompt and its triggers are steered to. ``attack``:
+    prompt is the image that prompt and its triggers are steered to (:func:`pick_surrogate`; ``metric``
+    and ``sscd_path`` as for ``dori attack`` judge that it is no copy). ``attack``:
     DoRI's parameters (default: the model's). ``keep_prompts``: see :func:`keep_pairs`.
     """
-    from dori.analyses.demo import check_method_params, make_attack, make_method
+    from dori.analyses.demo import _default_metric_unloaded, check_method_params, make_attack, make_method, make_metric
     from dori.analyses.mitigate import attack_targets, localize_masks, require_unique_captions
     from dori.analyses.runfile import absolute_path
     from dori.data.prompts import load_image, load_prompt_set, load_reference
     from dori.mitigations.adversarial_finetuning import AdversarialFineTuning
-    from dori.mitigations.masks import apply_mask
-    from dori.models.generate import generate
     from dori.models.loading import check_device, load_pipeline, model_id
-    from dori.registry import MODELS, PROMPT_SETS
-    from dori.reports.images import save_png, slug
+    from dori.registry import METRICS, MODELS, PROMPT_SETS
+    from dori.reports.images import slug
     from dori.reports.results import manifest, write_json
 
     t0 = time.time()
@@ -80,7 +116,8 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     config = dict(model=str(model), prompt_set=str(prompt_set), images_dir=images_dir, surrogate=surrogate,
                   max_targets=max_targets, keep_prompts=keep_prompts, keep_images_dir=keep_images_dir,
                   epochs=epochs, steps=steps, lr=lr, batch=batch, attack=attack, method_params=method_params,
-                  stats_prompts=stats_prompts, seed=seed, device=device)
+                  stats_prompts=stats_prompts, metric=metric, sscd_path=sscd_path and str(absolute_path(sscd_path)),
+                  seed=seed, device=device)
     man = manifest(command, config, [seed])
     loop = AdversarialFineTuning(epochs=epochs, steps=steps, lr=lr, batch=batch)  # bad values fail here
     if surrogate not in ("wanda", "nemo"):
@@ -96,6 +133,11 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
                         "nothing to fine-tune against (check --images-dir)")
     require_unique_captions(targets)
     check_device(device)
+    if metric is not None:
+        METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
+    if (metric or _default_metric_unloaded(model) or "").startswith("sscd") and not (
+            sscd_path and Path(sscd_path).expanduser().is_file()):
+        make_metric(metric or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
     done = out / "finetune.json"
     if done.is_file():  # a finished run: the same settings are done, other ones would replace it
         import json
@@ -118,12 +160,11 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     dori = make_attack(pipe, attack)
     method = make_method(surrogate, pipe, stats_prompts, (method_params or {}).get(surrogate))
     masks = localize_masks(pipe, method, targets, out)  # saved under out/masks/<surrogate>, reused on resume
-    surrogates = []
+    metric = make_metric(metric, pipe, sscd_path)
+    picked, surrogates = [], []
     for rec in targets:  # read back from the PNG, so that a resumed run steers to the same 8-bit image
         png = out / "surrogates" / f"{slug(rec.caption)}.png"
-        if not png.is_file():
-            with apply_mask(pipe, masks[rec.caption]):
-                save_png(generate(pipe, [rec.caption], seeds=[seed]).images[0], png)
+        picked.append(pick_surrogate(pipe, masks[rec.caption], rec, metric, seed, png))
         surrogates.append(load_image(png).float())
     from dori.analyses.bypass import target_images
 
@@ -131,7 +172,8 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     keep_x, keep_c = keep_pairs(pipe, keep_prompts, keep_images_dir)
     base = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters()}
     key = {"model": model_id(pipe), "attack": dori.params(), "targets": [r.caption for r in targets],
-           "surrogate": [m.digest() for m in masks.values()], "keep": len(keep_c)}
+           "surrogate": [m.digest() for m in masks.values()], "surrogate_seeds": [s["seed"] for s in picked],
+           "keep": len(keep_c)}
     try:
         epochs_run = loop.run(pipe, images, [r.caption for r in targets], torch.stack(surrogates), keep_x, keep_c,
                               dori, seed=seed, checkpoints=out / "checkpoints", key=key)
@@ -147,6 +189,7 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     man["seconds"] = round(time.time() - t0, 1)
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result = {"manifest": man, "fine_tuning": loop.params(), "attack": repr(dori), "surrogate": repr(method),
+              "metric": repr(metric), "surrogates": picked,
               "targets": [r.caption for r in targets], "keep_pairs": len(keep_c), "epochs": epochs_run,
               "unet": str(out / "unet")}
     write_json(out / "finetune.json", result)
