@@ -64,7 +64,7 @@ def test_a_killed_fine_tuning_resumes_to_the_weights_of_an_uninterrupted_one(tmp
 def test_the_tiny_models_own_pairs_keep_its_utility_and_hold_no_memorized_photo(tiny_pipe):
     from dori.data.tiny import spec_from_recipe
 
-    images, captions = keep_pairs(tiny_pipe, None, None)
+    images, captions = keep_pairs(tiny_pipe, [])
     memorized = set(spec_from_recipe(tiny_pipe.dori_recipe).memorized)
     assert len(images) == len(captions) > 6000 and images.shape[1:] == (3, 32, 32)
     from dori.zoo.tiny_data import PHOTO_CAPTIONS
@@ -78,12 +78,18 @@ def test_the_tiny_models_own_pairs_keep_its_utility_and_hold_no_memorized_photo(
     (dict(max_targets=0), "max_targets must be 1 or more"),
     (dict(method_params={"wanda": {"spars": 0.1}}), "wanda has no parameter ['spars']"),
     (dict(prompt_set="PROMPTS"), "has no memorized prompt with its reference image"),
+    (dict(batch=1), "batch=1 is out of range"),
+    (dict(keep_images_dir="x"), "--keep-images-dir is the folder of --keep-prompts' images: give both"),
+    (dict(keep_prompts="PROMPTS"), "no non-memorized caption with its image on disk"),
+    (dict(model="FOLDER"), "give --keep-prompts FILE --keep-images-dir DIR"),
 ])
 def test_bad_fine_tuning_input_is_one_clear_error_before_the_model_loads(tmp_path, monkeypatch, args, message):
     import dori.models.loading as loading
 
     (tmp_path / "p.txt").write_text("a cat\n")
-    args = {k: str(tmp_path / "p.txt") if v == "PROMPTS" else v for k, v in args.items()}
+    (tmp_path / "sd").mkdir()  # a model folder that is not a tiny model of dori's recipe
+    args = {k: {"PROMPTS": str(tmp_path / "p.txt"), "FOLDER": str(tmp_path / "sd")}.get(v, v) if isinstance(v, str)
+            else v for k, v in args.items()}
     monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
     with pytest.raises(DoriError, match=re.escape(message)):
         run_finetune(tmp_path / "o", **args)
@@ -126,7 +132,14 @@ def test_the_surrogate_is_the_first_generation_that_is_no_copy(tiny_pipe, tmp_pa
     rec = attack_targets(load_prompt_set("tiny"), 1)[0]
     got = pick_surrogate(tiny_pipe, Mask("neuron", {}), rec, Scripted(), 3, tmp_path / "s.png")
     assert got["seed"] == 6 and not got["replicates"] and got["copies_among_seeds"] == 3
-    assert json.loads((tmp_path / "s.json").read_text()) == got  # reused when the run starts again
+    assert {k: v for k, v in json.loads((tmp_path / "s.json").read_text()).items() if k != "key"} == got
+    assert pick_surrogate(tiny_pipe, Mask("neuron", {}), rec, Scripted(), 3, tmp_path / "s.png") == got  # reused
+    class Later(Scripted):  # picked again under another key (model, mask, metric or seeds)
+        def score(self, generated, reference):
+            return torch.tensor([0.2]) if len(generated) == 1 else torch.tensor([0.1] * SURROGATE_SEEDS)
+
+    again = pick_surrogate(tiny_pipe, Mask("neuron", {}), rec, Later(), 3, tmp_path / "s.png", {"model": "other"})
+    assert again["seed"] == 3 and again["copies_among_seeds"] == 0
 
     from dori.analyses.demo import make_metric
 
@@ -134,3 +147,57 @@ def test_the_surrogate_is_the_first_generation_that_is_no_copy(tiny_pipe, tmp_pa
         got = pick_surrogate(tiny_pipe, Mask("neuron", {}), rec, make_metric(None, tiny_pipe), 0, tmp_path / "c.png")
     assert got["replicates"] and got["copies_among_seeds"] == SURROGATE_SEEDS
     assert "is a copy, and the fine-tuning will keep it" in caplog.text
+
+
+def test_each_epoch_attacks_the_current_weights_with_seeds_no_audit_uses_and_the_prompt_leaves_its_image(
+        tiny_pipe, tmp_path, caplog):
+    """DoRI runs on frozen, current weights (they differ between epochs), with training seeds an audit's small
+    --attack-seed never repeats; the prompt's loss towards its surrogate falls; a checkpoint of other settings
+    is not resumed."""
+    from dori.analyses.mitigate import attack_targets
+    from dori.attacks.dori import DoRI
+    from dori.data.prompts import load_prompt_set, load_reference
+    from dori.models.generate import denoising_loss, encode_prompts
+    from dori.reports.results import tensor_digest
+
+    rec = attack_targets(load_prompt_set("tiny"), 1)[0]
+    target = load_reference(rec)[None]
+    surrogate = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    keep = [r for r in load_prompt_set("tiny") if r.kind == "seen_once" and r.reference_status == "ok"][:4]
+    keep_x = torch.stack([load_reference(r) for r in keep])
+    seen = []
+
+    class Spy(DoRI):
+        def attack(self, pipe, images, **kw):
+            seen.append((any(p.requires_grad for p in pipe.unet.parameters()), kw["seed"],
+                         tensor_digest(next(iter(pipe.unet.parameters())))))
+            return super().attack(pipe, images, **kw)
+
+    g = torch.Generator().manual_seed(1)
+    noise, t = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 1000, (32,), generator=g)
+    y = encode_prompts(tiny_pipe, [rec.caption]).expand(32, -1, -1)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(denoising_loss(tiny_pipe, (surrogate * 2 - 1).expand(32, -1, -1, -1), noise, t, y).mean())
+
+    base = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
+    before = loss()
+    try:
+        loop = adv.AdversarialFineTuning(epochs=2, steps=10, lr=1e-3, batch=4)
+        loop.run(tiny_pipe, target, [rec.caption], surrogate, keep_x, [r.caption for r in keep],
+                 Spy(steps=2, pairs=2), checkpoints=tmp_path / "ck", key={"run": 1})
+        after = loss()
+        seen_first = list(seen)
+        with caplog.at_level("WARNING"):  # another run's checkpoint: started again from the weights as they are
+            loop.run(tiny_pipe, target, [rec.caption], surrogate, keep_x, [r.caption for r in keep],
+                     Spy(steps=2, pairs=2), checkpoints=tmp_path / "ck", key={"run": 2})
+    finally:
+        with torch.no_grad():
+            for n, p in tiny_pipe.unet.named_parameters():
+                p.copy_(base[n])
+                p.requires_grad_(False)
+    assert [s[0] for s in seen_first] == [False, False] and seen_first[0][2] != seen_first[1][2]
+    assert [s[1] for s in seen_first] == [adv.TRAINING_ATTACK_SEEDS, adv.TRAINING_ATTACK_SEEDS + 1]
+    assert after < 0.9 * before
+    assert "made with other settings" in caplog.text and len(seen) == 4  # both epochs run again

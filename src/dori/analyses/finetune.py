@@ -10,6 +10,7 @@ arguments resumes after its last finished epoch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,12 +27,13 @@ log = logging.getLogger(__name__)
 SURROGATE_SEEDS = 8  # sampling seeds tried per memorized caption for a surrogate that does not replicate
 
 
-def pick_surrogate(pipe, mask, rec, metric, seed: int, png: Path) -> dict:
+def pick_surrogate(pipe, mask, rec, metric, seed: int, png: Path, key: dict | None = None) -> dict:
     """The surrogate of ``rec``'s memorized image: the first of the pruned model's generations from its prompt
     (sampling seeds ``seed``, ``seed + 1``, ...) that does not replicate the image (the algorithm wants the
     same meaning in other pixels: steering to a copy would keep the copy), written to ``png``; if every
     seed replicates, the one that scores lowest, with a warning. Returns its seed, score and verdict, as
-    scored on the PNG read back."""
+    scored on the PNG read back. One found before under the same ``key`` (JSON values: the model, mask, metric)
+    is reused."""
     from dori.data.prompts import load_image, load_reference
     from dori.mitigations.masks import apply_mask
     from dori.models.generate import generate
@@ -39,10 +41,13 @@ def pick_surrogate(pipe, mask, rec, metric, seed: int, png: Path) -> dict:
     from dori.reports.results import write_json
 
     info = png.with_suffix(".json")
-    if png.is_file() and info.is_file():
-        return json.loads(info.read_text())
-    ref = load_reference(rec).float()
     seeds = list(range(seed, seed + SURROGATE_SEEDS))
+    key = json.loads(json.dumps({**(key or {}), "seeds": seeds, "mask": mask.digest(), "metric": repr(metric)}))
+    if png.is_file() and info.is_file():
+        found = json.loads(info.read_text())
+        if found.pop("key", None) == key:
+            return found
+    ref = load_reference(rec).float()
     with apply_mask(pipe, mask):
         images = generate(pipe, [rec.caption], seeds=seeds).images.float().cpu()
     scores = metric.score(images, ref)
@@ -56,26 +61,38 @@ def pick_surrogate(pipe, mask, rec, metric, seed: int, png: Path) -> dict:
         log.warning("every one of %d generations of the pruned model from %r replicates its memorized image: the "
                     "surrogate (seed %d, score %.2f) is a copy, and the fine-tuning will keep it; use another "
                     "--surrogate", len(seeds), rec.caption[:60], out["seed"], out["score"])
-    write_json(info, out)  # written last: marks the surrogate complete
+    write_json(info, {**out, "key": key})  # written last: marks the surrogate complete
     return out
 
 
-def keep_pairs(pipe, keep_prompts: str | None, keep_images_dir: str | None) -> tuple[torch.Tensor, list[str]]:
-    """The ordinary image-caption pairs of L_DM: ``keep_prompts`` (non-memorized captions with their images),
-    or, for a tiny model of dori's recipe, its own training pairs that are not memorized."""
-    from dori.analyses.bypass import target_images
-    from dori.data.prompts import load_prompt_set, load_reference
+def keep_records(model: str, keep_prompts: str | None, keep_images_dir: str | None) -> list:
+    """The records of ``keep_prompts`` (non-memorized, with their image on disk), read and checked before the
+    model loads; [] for the tiny recipe's own pairs, which need no file (:func:`keep_pairs`)."""
+    from dori.data.prompts import load_prompt_set
 
+    if keep_images_dir and not keep_prompts:
+        raise DoriError("--keep-images-dir is the folder of --keep-prompts' images: give both")
     if keep_prompts:
         recs = [r for r in load_prompt_set(keep_prompts, keep_images_dir, default_kind="N")
                 if not r.memorized and r.reference_status == "ok"]
         if not recs:
             raise DoriError(f"--keep-prompts {keep_prompts}: no non-memorized caption with its image on disk (check "
                             "--keep-images-dir)")
-        return target_images(pipe, [load_reference(r) for r in recs]), [r.caption for r in recs]
-    if getattr(pipe, "dori_recipe", None) is None:
+        return recs
+    if model != "tiny" and not (Path(model).expanduser() / "dori_recipe.json").is_file():
         raise DoriError("adversarial fine-tuning keeps the model's utility with ordinary image-caption pairs: give "
                         "--keep-prompts FILE --keep-images-dir DIR (e.g. NeMo's unmemorized LAION prompts and images)")
+    return []
+
+
+def keep_pairs(pipe, records: list) -> tuple[torch.Tensor, list[str]]:
+    """The ordinary image-caption pairs of L_DM: ``records`` (:func:`keep_records`) at the model's
+    resolution, or, for a tiny model of dori's recipe, its own training pairs that are not memorized."""
+    from dori.analyses.bypass import target_images
+    from dori.data.prompts import load_reference
+
+    if records:
+        return target_images(pipe, [load_reference(r) for r in records]), [r.caption for r in records]
     from dori.data.tiny import spec_from_recipe
     from dori.zoo.tiny_data import build_train_set
 
@@ -106,7 +123,7 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     from dori.models.loading import check_device, load_pipeline, model_id
     from dori.registry import METRICS, MODELS, PROMPT_SETS
     from dori.reports.images import slug
-    from dori.reports.results import manifest, write_json
+    from dori.reports.results import manifest, tensor_digest, write_json
 
     t0 = time.time()
     out = Path(out)
@@ -132,6 +149,7 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
         raise DoriError(f"the prompt set {prompt_set} has no memorized prompt with its reference image on disk: "
                         "nothing to fine-tune against (check --images-dir)")
     require_unique_captions(targets)
+    keep = keep_records(str(model), keep_prompts, keep_images_dir)
     check_device(device)
     if metric is not None:
         METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
@@ -140,10 +158,10 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
         make_metric(metric or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
     done = out / "finetune.json"
     if done.is_file():  # a finished run: the same settings are done, other ones would replace it
-        import json
-
         old = json.loads(done.read_text())
-        if old.get("manifest", {}).get("config") == json.loads(json.dumps(config)) and (out / "unet").is_dir():
+        same = {k: v for k, v in json.loads(json.dumps(config)).items() if k != "device"}
+        if {k: v for k, v in old.get("manifest", {}).get("config", {}).items() if k != "device"} == same \
+                and (out / "unet").is_dir():
             log.info("%s holds this fine-tune already (finetune.json): nothing to do", out)
             return old
         raise DoriError(f"{out} holds a fine-tune made with other settings (finetune.json): give another --out")
@@ -164,28 +182,24 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     picked, surrogates = [], []
     for rec in targets:  # read back from the PNG, so that a resumed run steers to the same 8-bit image
         png = out / "surrogates" / f"{slug(rec.caption)}.png"
-        picked.append(pick_surrogate(pipe, masks[rec.caption], rec, metric, seed, png))
+        picked.append(pick_surrogate(pipe, masks[rec.caption], rec, metric, seed, png, {"model": model_id(pipe)}))
         surrogates.append(load_image(png).float())
     from dori.analyses.bypass import target_images
 
     images = target_images(pipe, [load_reference(r) for r in targets])
-    keep_x, keep_c = keep_pairs(pipe, keep_prompts, keep_images_dir)
-    base = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters()}
-    key = {"model": model_id(pipe), "attack": dori.params(), "targets": [r.caption for r in targets],
-           "surrogate": [m.digest() for m in masks.values()], "surrogate_seeds": [s["seed"] for s in picked],
-           "keep": len(keep_c)}
-    try:
-        epochs_run = loop.run(pipe, images, [r.caption for r in targets], torch.stack(surrogates), keep_x, keep_c,
-                              dori, seed=seed, checkpoints=out / "checkpoints", key=key)
-        tmp = out / "unet.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.unet.save_pretrained(tmp)  # safetensors
-        shutil.rmtree(out / "unet", ignore_errors=True)
-        tmp.rename(out / "unet")
-    finally:
-        with torch.no_grad():
-            for n, p in pipe.unet.named_parameters():
-                p.copy_(base[n])
+    keep_x, keep_c = keep_pairs(pipe, keep)
+    surrogates = torch.stack(surrogates)
+    # what the checkpoints must have been made with to be resumed: the settings and every input's content
+    key = {"config": {k: v for k, v in config.items() if k != "device"}, "model": model_id(pipe),
+           "attack": dori.params(), "targets": [tensor_digest(images)], "surrogates": tensor_digest(surrogates),
+           "keep": [tensor_digest(keep_x), hashlib.sha1("\n".join(keep_c).encode()).hexdigest()[:16]]}
+    epochs_run = loop.run(pipe, images, [r.caption for r in targets], surrogates, keep_x, keep_c, dori, seed=seed,
+                          checkpoints=out / "checkpoints", key=key)
+    tmp = out / "unet.tmp"  # pipe.unet holds the fine-tuned weights now (the pipeline is this run's own)
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.unet.save_pretrained(tmp)  # safetensors
+    shutil.rmtree(out / "unet", ignore_errors=True)
+    tmp.rename(out / "unet")
     man["seconds"] = round(time.time() - t0, 1)
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result = {"manifest": man, "fine_tuning": loop.params(), "attack": repr(dori), "surrogate": repr(method),

@@ -37,6 +37,10 @@ from dori.reports.results import write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
+# the attack seeds of training start here: an audit (`dori attack --attack-seed N`, N small) never replays
+# the (noise, timestep) draws the fine-tuning was trained against
+TRAINING_ATTACK_SEEDS = 1_000_000
+
 
 def to_latents(pipe, images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> the latents the UNet is trained on (pixels for the tiny model's identity VAE)."""
@@ -62,11 +66,12 @@ class AdversarialFineTuning:
 
     def __post_init__(self):
         for name, ok in (("epochs", self.epochs >= 1), ("steps", self.steps >= 1), ("lr", self.lr > 0),
-                         ("batch", self.batch >= 1), ("caption_dropout", 0 <= self.caption_dropout <= 1),
+                         ("batch", self.batch >= 2), ("caption_dropout", 0 <= self.caption_dropout <= 1),
                          ("group", self.group >= 1)):
             if not ok:
                 raise DoriError(f"adversarial fine-tuning: {name}={getattr(self, name)!r} is out of range (epochs, "
-                                "steps, batch, group: 1 or more; lr above 0; caption_dropout in [0, 1])")
+                                "steps, group: 1 or more; batch: 2 or more, half triggers, half prompts; lr above 0; "
+                                "caption_dropout in [0, 1])")
 
     def params(self) -> dict:
         return asdict(self)
@@ -81,7 +86,8 @@ class AdversarialFineTuning:
             targets: ``T x 3 x H x W`` memorized images in [0, 1], the DoRI targets; ``prompts`` their captions.
             surrogates: ``T x 3 x H x W``, what each should become.
             keep_images / keep_captions: ordinary pairs for L_DM.
-            attack: a :class:`~dori.attacks.dori.DoRI`; epoch ``e`` attacks with seed ``seed * 1000 + e``.
+            attack: a :class:`~dori.attacks.dori.DoRI`; epoch ``e`` attacks with seed
+                ``TRAINING_ATTACK_SEEDS + seed * 1000 + e``, draws no audit repeats (its ``--attack-seed`` are small).
             checkpoints: folder for the per-epoch checkpoints (None: none); ``key``: what they must have been
                 made with to be resumed (the run's settings).
         """
@@ -91,6 +97,9 @@ class AdversarialFineTuning:
             raise DoriError("adversarial fine-tuning needs ordinary image-caption pairs to keep the model's utility")
         unet = pipe.unet
         params = [p for p in unet.parameters()]
+        if any(p.dtype != torch.float32 for p in params):
+            raise DoriError("adversarial fine-tuning trains in float32 (Adam's steps vanish in half precision): load "
+                            "the model in float32")
         opt = torch.optim.Adam(params, lr=self.lr)
         g = torch.Generator().manual_seed(seed)
         z_sur = to_latents(pipe, surrogates)
@@ -107,7 +116,7 @@ class AdversarialFineTuning:
             y_adv, owner, final = [], [], []
             for i in range(0, len(targets), self.group):  # a few targets per batched attack, as the benchmark's
                 res = attack.attack(pipe, targets[i : i + self.group], prompts=list(prompts[i : i + self.group]),
-                                    seed=seed * 1000 + epoch)
+                                    seed=TRAINING_ATTACK_SEEDS + seed * 1000 + epoch)
                 y_adv.append(res.trigger.detach())
                 owner += [i + t for t in res.target_index]
                 final += [float(v) for v in (res.loss[-1] if res.loss else [])]
@@ -115,20 +124,21 @@ class AdversarialFineTuning:
             unet.requires_grad_(True)
             sums = {"adv": 0.0, "dm": 0.0}
             for _ in range(self.steps):
+                opt.zero_grad(set_to_none=True)
                 half = self.batch // 2
                 pick = torch.randint(0, len(y_adv), (half,), generator=g)
                 own = torch.randint(0, len(y_prompt), (self.batch - half,), generator=g)
                 cond = torch.cat([y_adv[pick], y_prompt[own]])
                 clean = z_sur[torch.cat([owner[pick], own])]
                 l_adv = self._loss(pipe, clean, cond, g, n_train)
+                l_adv.backward()  # one graph at a time: half the activations held at once
                 j = torch.randint(0, len(keep_images), (self.batch,), generator=g)
                 drop = torch.rand(self.batch, generator=g) < self.caption_dropout
                 with torch.no_grad():
                     cond_k = encode_prompts(pipe, [keep_captions[i] for i in j.tolist()])
                     cond_k[drop.to(cond_k.device)] = empty[0]
                 l_dm = self._loss(pipe, to_latents(pipe, keep_images[j]), cond_k, g, n_train)
-                opt.zero_grad(set_to_none=True)
-                (l_adv + l_dm).backward()
+                l_dm.backward()
                 opt.step()
                 sums["adv"] += l_adv.item() / self.steps
                 sums["dm"] += l_dm.item() / self.steps
