@@ -102,7 +102,8 @@ def test_finetune_from_the_command_line(monkeypatch, tmp_path):
 
     calls = []
     fake = {"epochs": [{"epoch": 0, "dori_final_loss": 0.5, "loss_adv": 0.1, "loss_dm": 0.2, "seconds": 1.0}],
-            "surrogates": [{"caption": "old coins", "seed": 2, "replicates": False, "copies_among_seeds": 2}],
+            "surrogates": [{"caption": "old coins", "seed": 2, "replicates": False, "copies_among_seeds": 2},
+                           {"caption": "a cameraman", "seed": 0, "replicates": False, "copies_among_seeds": 1}],
             "unet": str(tmp_path / "unet"), "targets": ["x"], "keep_pairs": 3, "manifest": {"seconds": 2.0}}
     monkeypatch.setattr("dori.analyses.finetune.run_finetune", lambda out, **kw: calls.append(kw) or fake)
     r = CliRunner().invoke(app, ["finetune", "--out", str(tmp_path), "--targets", "2", "--epochs", "3",
@@ -111,7 +112,7 @@ def test_finetune_from_the_command_line(monkeypatch, tmp_path):
     assert calls[0]["max_targets"] == 2 and calls[0]["epochs"] == 3 and calls[0]["surrogate"] == "nemo"
     assert calls[0]["method_params"] == {"nemo": {"theta": 4}}
     assert "epoch 0: DoRI's final loss 0.5000" in r.output and "--finetuned adversarial=" in r.output
-    assert "where the first seeds drew a copy: old coins (seed 2)" in r.output
+    assert "where the first seeds drew a copy: old coins (seed 2)\n" in r.output  # the cameraman's seed 0 was none
 
 
 def test_the_surrogate_is_the_first_generation_that_is_no_copy(tiny_pipe, tmp_path, caplog):

@@ -324,7 +324,7 @@ def finetune(
                        epochs=epochs, steps=steps, lr=lr, batch=batch, method_params=_method_params(param),
                        stats_prompts=stats_prompts, metric=metric, sscd_path=sscd, seed=seed, device=device)
     moved = [f"{s['caption'][:40]} (seed {s['seed']}{', a copy' if s['replicates'] else ''})"
-             for s in res["surrogates"] if s["copies_among_seeds"]]
+             for s in res["surrogates"] if s["seed"] != seed or s["replicates"]]
     _say(f"surrogates: {len(res['surrogates'])} generations of the pruned model"
          + (f"; where the first seeds drew a copy: {' | '.join(moved)}" if moved else ", none a copy"))
     for e in res["epochs"]:
