@@ -198,6 +198,7 @@ def test_each_epoch_attacks_the_current_weights_with_seeds_no_audit_uses_and_the
             for n, p in tiny_pipe.unet.named_parameters():
                 p.copy_(base[n])
                 p.requires_grad_(False)
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())  # run() leaves no gradient behind
     assert [s[0] for s in seen_first] == [False, False] and seen_first[0][2] != seen_first[1][2]
     assert [s[1] for s in seen_first] == [adv.TRAINING_ATTACK_SEEDS, adv.TRAINING_ATTACK_SEEDS + 1]
     assert after < 0.9 * before

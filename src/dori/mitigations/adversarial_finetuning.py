@@ -149,6 +149,7 @@ class AdversarialFineTuning:
                      sums["adv"], sums["dm"])
             if checkpoints:
                 _save(Path(checkpoints), key, records, unet, opt, g)
+        opt.zero_grad(set_to_none=True)  # no gradient left on the model's weights
         return records
 
     @staticmethod
