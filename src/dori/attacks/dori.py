@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dori.models.generate import denoising_loss, encode_prompts, unet_place
+from dori.models.generate import denoising_loss, encode, encode_prompts, unet_place
 
 
 @dataclass
@@ -127,9 +127,8 @@ class DoRI:
         g = torch.Generator().manual_seed(seed)
         n_t = images.shape[0]
         idx = [i for i in range(n_t) for _ in range(self.restarts)]
+        z0 = encode(pipe, images)
         with torch.no_grad():
-            x = images.to(dev, dtype) * 2 - 1
-            z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
             if self.init == "prompt":
                 if prompts is None or len(prompts) != n_t:
                     raise ValueError("init='prompt' needs one prompt per target image")

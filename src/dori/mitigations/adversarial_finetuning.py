@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dori.errors import DoriError
-from dori.models.generate import denoising_loss, encode_prompts, unet_place
+from dori.models.generate import denoising_loss, encode, encode_prompts
 from dori.reports.results import write_json, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ log = logging.getLogger(__name__)
 # the attack seeds of training start here: an audit (`dori attack --attack-seed N`, N small) never replays
 # the (noise, timestep) draws the fine-tuning was trained against
 TRAINING_ATTACK_SEEDS = 1_000_000
-
-
-def to_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> the latents the UNet is trained on (pixels for the tiny model's identity VAE)."""
-    dev, dtype = unet_place(pipe)
-    with torch.no_grad():
-        x = images.to(dev, dtype) * 2 - 1
-        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
 @dataclass
@@ -102,7 +94,7 @@ class AdversarialFineTuning:
                             "the model in float32")
         opt = torch.optim.Adam(params, lr=self.lr)
         g = torch.Generator().manual_seed(seed)
-        z_sur = to_latents(pipe, surrogates)
+        z_sur = encode(pipe, surrogates)
         with torch.no_grad():
             y_prompt = encode_prompts(pipe, list(prompts))
             empty = encode_prompts(pipe, [""])
@@ -137,7 +129,7 @@ class AdversarialFineTuning:
                 with torch.no_grad():
                     cond_k = encode_prompts(pipe, [keep_captions[i] for i in j.tolist()])
                     cond_k[drop.to(cond_k.device)] = empty[0]
-                l_dm = self._loss(pipe, to_latents(pipe, keep_images[j]), cond_k, g, n_train)
+                l_dm = self._loss(pipe, encode(pipe, keep_images[j]), cond_k, g, n_train)
                 l_dm.backward()
                 opt.step()
                 sums["adv"] += l_adv.item() / self.steps

@@ -198,9 +198,6 @@ class FineTunedUNet:
         self.files, self.text_encoder = unet_weight_files(self.path)  # a bad path fails before the model loads
         self._patch: WeightPatch | None = None
 
-    def require(self, captions) -> None:
-        """Every caption has the fine-tune: nothing to check."""
-
     def check(self, pipe, captions) -> None:
         """Read the weights now: a UNet of another architecture fails before any image is generated."""
         self.patch(pipe)

@@ -121,6 +121,15 @@ def initial_noise(pipe, seeds: Sequence[int], resolution: int | None = None) -> 
     return torch.stack(noise).to(*unet_place(pipe))
 
 
+def encode(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> the latents the UNet is trained on (VAE mean times its scaling factor; pixels for
+    the tiny model's identity VAE), on the UNet's device and dtype, without gradient."""
+    dev, dtype = unet_place(pipe)
+    with torch.no_grad():
+        x = images.to(dev, dtype) * 2 - 1
+        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1]."""
     x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
