@@ -337,6 +337,40 @@ def finetune(
 
 
 @app.command()
+def locality(
+    out: Path = typer.Option(..., help="folder for locality.json, the triggers, the masks and the plot"),
+    model: str = typer.Option("tiny"),
+    prompts: str = typer.Option("tiny", help="prompt set name or file: its memorized images are analysed"),
+    images_dir: str = typer.Option(None),
+    targets: int = typer.Option(3, help="the first N memorized images (0: all)"),
+    starts: int = typer.Option(8, help="random N(0, I) starts per image (the paper: 100)"),
+    steps: int = typer.Option(50, help="DoRI steps from each start"),
+    methods: str = typer.Option("nemo,wanda", help="prunings run from each trigger (comma-separated; '' for none)"),
+    seeds: str = typer.Option("0,1", help="sampling seeds a trigger must replicate at to be kept"),
+    control: int = typer.Option(1, help="non-memorized images per control kind, attacked the same way (0: none)"),
+    layer_group: str = typer.Option(None, help="the activations' layers (default: NeMo's layer group)"),
+    attack_seed: int = typer.Option(0, help="seed of the starts and of DoRI's draws"),
+    param: list[str] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    metric: str = typer.Option(None),
+    sscd: str = typer.Option(None),
+    stats_prompts: str = typer.Option(None, help="non-memorized prompts for NeMo's statistics (non-tiny models)"),
+    device: str = typer.Option("cpu"),
+):
+    """The locality analyses (PAPER.md section 7): DoRI from many random starts per memorized image on the
+    model as it is; how far apart the triggers lie, how their activations differ, and whether NeMo and Wanda
+    run from each trigger prune the same weights. A killed run started again resumes."""
+    from dori.analyses.locality import run_locality, summary_lines
+
+    res = run_locality(out, model=model, prompt_set=prompts, images_dir=images_dir, max_targets=targets or None,
+                       starts=starts, steps=steps, methods=_list(methods), seeds=_ints(seeds), seed=attack_seed,
+                       method_params=_method_params(param), stats_prompts=stats_prompts, metric=metric,
+                       sscd_path=sscd, layer_group=layer_group, control=control, device=device)
+    for line in summary_lines(res):
+        _say(line)
+    _say(f"wrote {out / 'locality.json'} and {out / res['plot']} in {res['manifest']['seconds']} s")
+
+
+@app.command()
 def run(
     path: Path = typer.Argument(..., help="a TOML or JSON run file, a run directory (resumes it) or a results.json "
                                           "(repeats that run)"),

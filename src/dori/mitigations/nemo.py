@@ -55,7 +55,7 @@ from safetensors.torch import load_file
 
 from dori.errors import DoriError
 from dori.mitigations.masks import Mask, per_sample_neuron_masks
-from dori.models.generate import encode_prompts, generate, initial_noise
+from dori.models.generate import encode_prompts, generate, initial_noise, one_embedding
 from dori.models.layers import resolve_layers
 from dori.models.loading import modules_fingerprint
 from dori.models.replay import PrefixReplay
@@ -240,8 +240,10 @@ class NeMo:
         return out
 
     # ---- 3 + 4. localization --------------------------------------------------------------------
-    def localize(self, pipe, prompt: str, stats_prompts: Sequence[str] | None = None) -> NeMoResult:
-        """Find the neurons to deactivate for one memorized prompt."""
+    def localize(self, pipe, prompt: str, stats_prompts: Sequence[str] | None = None,
+                 embeds: torch.Tensor | None = None) -> NeMoResult:
+        """Find the neurons to deactivate for one memorized prompt. With ``embeds`` (``1 x 77 x D``, e.g. a
+        DoRI trigger) the search starts from that embedding instead of the prompt's; ``prompt`` labels it."""
         if self._stats is None:
             if stats_prompts is None:
                 raise ValueError("NeMo needs activation statistics: call fit_statistics(pipe, prompts) first "
@@ -251,13 +253,13 @@ class NeMo:
         with PrefixReplay(pipe.unet, names) if self.reuse_prefix else nullcontext() as replay:
             self._replay, self._replay_selection = replay, None
             try:
-                return self._localize(pipe, prompt)
+                return self._localize(pipe, prompt, embeds)
             finally:
                 self._replay = self._replay_selection = None
 
-    def _localize(self, pipe, prompt: str) -> NeMoResult:
+    def _localize(self, pipe, prompt: str, embeds: torch.Tensor | None) -> NeMoResult:
         self._calls, self._checks, self._speculative = 0, 0, 0
-        embeds = encode_prompts(pipe, [prompt])
+        embeds = encode_prompts(pipe, [prompt]) if embeds is None else one_embedding(pipe, embeds)
         vanilla_all = self.noise_diffs(pipe, embeds, self.seeds)[0]
         self._calls += 1
         max_pair = _max_pairwise(vanilla_all)

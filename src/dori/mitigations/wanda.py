@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from dori.mitigations.masks import Mask
-from dori.models.generate import generate
+from dori.models.generate import encode_prompts, generate, one_embedding
 from dori.models.layers import resolve_layers
 
 
@@ -55,8 +55,9 @@ class Wanda:
         return "Wanda(" + ", ".join(f"{k}={v}" for k, v in self.params().items()) + ")"
 
     @torch.no_grad()
-    def column_norms(self, pipe, prompt: str) -> dict[str, torch.Tensor]:
-        """Per layer: ``steps x 2 x in_features`` input-column norms for (prompt, base prompt)."""
+    def column_norms(self, pipe, prompt: str, embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per layer: ``steps x 2 x in_features`` input-column norms for (prompt, base prompt); with ``embeds``
+        (``1 x 77 x D``, e.g. a DoRI trigger), for that embedding instead of the prompt's."""
         layers = resolve_layers(pipe.unet, self.layer_group)
         n_seeds = len(self.seeds)
         sq: dict[str, list[torch.Tensor]] = {ref.name: [] for ref in layers}
@@ -71,7 +72,10 @@ class Wanda:
 
         handles = [ref.module.register_forward_hook(hook_for(ref.name)) for ref in layers]
         try:
-            generate(pipe, [prompt, self.base_prompt], seeds=self.seeds, guidance_scale=1.0,
+            pair = encode_prompts(pipe, [prompt, self.base_prompt])
+            if embeds is not None:
+                pair = torch.cat([one_embedding(pipe, embeds), pair[1:]])
+            generate(pipe, prompt_embeds=pair, seeds=self.seeds, guidance_scale=1.0,
                      stop_after=self.n_steps, num_inference_steps=self.num_inference_steps,
                      batch_size=2 * n_seeds)
         finally:
@@ -80,8 +84,10 @@ class Wanda:
         return {n: torch.stack(v).sqrt() for n, v in sq.items()}
 
     @torch.no_grad()
-    def localize(self, pipe, prompt: str) -> Mask:
-        norms = self.column_norms(pipe, prompt)
+    def localize(self, pipe, prompt: str, embeds: torch.Tensor | None = None) -> Mask:
+        """The weights to zero for one memorized prompt (or, with ``embeds``, for that embedding, e.g. a DoRI
+        trigger; ``prompt`` then labels the mask)."""
+        norms = self.column_norms(pipe, prompt, embeds)
         layers = {ref.name: ref.module for ref in resolve_layers(pipe.unet, self.layer_group)}
         out = {}
         for name, nrm in norms.items():

@@ -59,6 +59,17 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
     return pipe.text_encoder(ids)[0].to(unet_place(pipe)[1])
 
 
+def one_embedding(pipe, embeds: torch.Tensor) -> torch.Tensor:
+    """``embeds`` (``tokens x D`` or ``1 x tokens x D``, e.g. a DoRI trigger) as one ``1 x tokens x D`` embedding
+    on the UNet's device and dtype; one clear error for any other shape."""
+    if embeds.ndim == 2:
+        embeds = embeds[None]
+    if embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise DoriError(f"expected one embedding (1 x tokens x dim), got shape {tuple(embeds.shape)}")
+    dev, dtype = unet_place(pipe)
+    return embeds.to(dev, dtype)
+
+
 def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor) -> torch.Tensor:
     """One UNet evaluation in the model's own parameterization (``eps_theta(latents, t, embeds)`` for an
     epsilon model, ``v_theta`` for a v-prediction model such as SD 2.x-768); differentiable."""

@@ -1,0 +1,433 @@
+"""The locality analyses of DoRI (Kowalczuk et al., PAPER.md section 7): is a memorized image held in one
+place of the model, as pruning mitigations assume?
+
+DoRI is run from ``starts`` random ``N(0, I)`` embeddings per memorized image on the model as it is; the
+triggers whose generations replicate the image at every evaluated seed are kept. Then:
+
+1. **Embedding space** (:func:`trigger_spread`): how far the triggers of one image lie from each other,
+   against the distance between different prompts' embeddings, and whether each trigger stays nearest
+   its own start (the paper: triggers stay near their starts; their pairwise L2 exceeds that between
+   different non-memorized prompts). dori reports the distances, not a t-SNE picture.
+2. **Activations** (:func:`activation_divergence`): per layer, the mean pairwise L2 of the activations
+   that the triggers of one image produce, against that of different memorized prompts (initial noise
+   and timestep fixed: the first sampling step at one seed). The paper, NeMo's layers 1-7: triggers
+   153-517, memorized prompts 72-405, the triggers higher in every layer. A value projection's output
+   depends on the embedding only; other layer groups (e.g. ``ffn-out``) depend on the noise as well.
+3. **Weights** (:func:`mask_agreement`): NeMo and Wanda run from each trigger (their ``embeds=``); per
+   layer, the IoU of the selected sets averaged over pairs of triggers of one image (1 when both are
+   empty), and each trigger's set against the original prompt's. Low agreement: no single set of
+   weights holds the image. The paper, Wanda: 0.26-0.80 over 7 layers.
+
+:func:`run_locality` runs the three and writes ``OUT/locality.json`` (manifest, settings, numbers) and
+``OUT/plots/locality.png``; ``dori locality`` is its command. Resuming: each image's triggers
+(``triggers/<caption>.safetensors``, their scores in a JSON beside it) and each trigger's masks
+(``masks/<method>/<caption>/<start>``) are written as they finish; a killed run started again with the
+same arguments redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from dori.errors import DoriError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("nemo", "wanda")
+
+
+def mean_pairwise_l2(x: torch.Tensor) -> float | None:
+    """Mean L2 distance over the unordered pairs of the rows of ``x`` (flattened); None for fewer than 2."""
+    x = x.flatten(1).double()
+    n = x.shape[0]
+    if n < 2:
+        return None
+    d = torch.cdist(x, x)
+    return float(d[torch.triu_indices(n, n, 1).unbind()].mean())
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+# ---- 1. embedding space ---------------------------------------------------------------------------------
+def trigger_spread(triggers: Mapping[str, torch.Tensor], starts: Mapping[str, torch.Tensor],
+                   prompt_embeds: Mapping[str, torch.Tensor], references: Mapping[str, torch.Tensor]) -> dict:
+    """Distances in embedding space (all L2 over the flattened ``77 x D`` embedding).
+
+    Args:
+        triggers / starts: caption -> the kept triggers ``K x 77 x D`` and their random starts (same rows).
+        prompt_embeds: caption -> the memorized prompt's own embedding (``77 x D``).
+        references: name -> embeddings ``P x 77 x D`` of a group of prompts (e.g. non-memorized prompts),
+            whose mean pairwise distance the triggers' is compared with.
+
+    Per image: ``triggers`` (mean pairwise L2 of its triggers), ``starts`` (of their starts), ``moved``
+    (mean ``||y - y0||``), ``to_prompt`` (mean distance to the memorized prompt's embedding) and
+    ``nearest_own_start`` (the fraction of triggers whose nearest start, among the image's kept ones,
+    is their own). ``mean``: the per-image values averaged; ``references``: each group's mean pairwise L2.
+    """
+    per_image = {}
+    for cap, trig in triggers.items():
+        y0 = starts[cap]
+        k = trig.shape[0]
+        nearest = torch.cdist(trig.flatten(1).double(), y0.flatten(1).double()).argmin(1) if k else None
+        per_image[cap] = {
+            "kept": k,
+            "triggers": mean_pairwise_l2(trig),
+            "starts": mean_pairwise_l2(y0),
+            "moved": float((trig - y0).flatten(1).norm(dim=1).mean()) if k else None,
+            "to_prompt": float((trig - prompt_embeds[cap]).flatten(1).norm(dim=1).mean()) if k else None,
+            "nearest_own_start": float((nearest == torch.arange(k)).double().mean()) if k > 1 else None,
+        }
+    keys = ("triggers", "starts", "moved", "to_prompt", "nearest_own_start")
+    return {"per_image": per_image, "mean": {k: _mean(v[k] for v in per_image.values()) for k in keys},
+            "references": {name: mean_pairwise_l2(e) for name, e in references.items()}}
+
+
+# ---- 2. activations ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def layer_activations(pipe, embeds: torch.Tensor, layer_group: str, seed: int = 0,
+                      batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per layer of ``layer_group``: the output of that layer for each embedding (``N x ...``, float32 on the
+    CPU) in the first sampling step from seed ``seed``'s noise (the same noise for every embedding; the
+    conditional branch only, guidance 1)."""
+    from dori.models.generate import generate
+    from dori.models.layers import resolve_layers
+
+    refs = resolve_layers(pipe.unet, layer_group)
+    got: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            got[name].append(output.detach().float().cpu())
+
+        return hook
+
+    handles = [r.module.register_forward_hook(hook_for(r.name)) for r in refs]
+    try:
+        generate(pipe, prompt_embeds=embeds, seeds=[seed], guidance_scale=1.0, stop_after=1, batch_size=batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+def activation_divergence(pipe, groups: Mapping[str, torch.Tensor], layer_group: str, seed: int = 0) -> dict:
+    """Per layer (1-based id within ``layer_group``, as NeMo numbers them): the mean pairwise L2 of the
+    activations within each group of embeddings (``groups``: name -> ``N x 77 x D``, e.g. the triggers of
+    one image, or different memorized prompts). Returns ``{"layers": [names], "groups": {name: [per layer]}}``."""
+    from dori.models.layers import resolve_layers
+
+    names = [r.name for r in resolve_layers(pipe.unet, layer_group)]
+    out = {}
+    for group, embeds in groups.items():
+        acts = layer_activations(pipe, embeds, layer_group, seed) if embeds.shape[0] > 1 else {}
+        out[group] = [mean_pairwise_l2(acts[n]) if acts else None for n in names]
+    return {"layer_group": layer_group, "seed": seed, "layers": names, "groups": out}
+
+
+# ---- 3. weights -------------------------------------------------------------------------------------------
+def _layer_iou(a, b, names: Sequence[str]) -> list[float]:
+    iou = a.iou(b)
+    return [iou.get(n, 1.0) for n in names]  # a layer neither selects from: both empty, IoU 1
+
+
+def mask_agreement(trigger_masks: Sequence, prompt_mask, names: Sequence[str]) -> dict:
+    """Per layer (``names``, in order): the IoU of the triggers' selected sets averaged over their pairs
+    (``pairwise``), and of each trigger's set with the original prompt's (``to_prompt``); with the mean
+    set sizes and how many trigger sets are empty."""
+    pairs = [_layer_iou(a, b, names) for i, a in enumerate(trigger_masks) for b in trigger_masks[i + 1:]]
+    to_prompt = [_layer_iou(m, prompt_mask, names) for m in trigger_masks]
+
+    def per_layer(rows):
+        return [sum(col) / len(col) for col in zip(*rows, strict=True)] if rows else [None] * len(names)
+
+    def sizes(m):
+        return [m.counts().get(n, 0) for n in names]
+
+    return {"pairwise": per_layer(pairs), "to_prompt": per_layer(to_prompt), "pairs": len(pairs),
+            "trigger_size": per_layer([sizes(m) for m in trigger_masks]), "prompt_size": sizes(prompt_mask),
+            "empty": sum(len(m) == 0 for m in trigger_masks), "masks": len(trigger_masks)}
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+def _score(pipe, metric, triggers: torch.Tensor, reference: torch.Tensor, seeds: Sequence[int]):
+    """Replication scores ``K x seeds`` of the images each trigger generates, against ``reference``, and the
+    threshold they must beat (the bypass benchmark's, per reference at the generated size)."""
+    from dori.models.generate import generate
+
+    images = generate(pipe, prompt_embeds=triggers, seeds=seeds).images
+    scores = metric.score(images, reference).view(triggers.shape[0], len(seeds))
+    return scores, float(metric.threshold_for(reference, images.shape[-1]))
+
+
+def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, path: Path, key: dict) -> dict:
+    """DoRI from random starts for one memorized image (``attack``: a DoRI with ``init="random"``); the
+    triggers, their starts and scores, read from ``path`` when a run with the same ``key`` wrote them."""
+    from dori.analyses.bypass import target_images
+    from dori.data.prompts import load_reference
+    from dori.reports.results import write_json, write_safetensors
+
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == json.loads(json.dumps(key)):
+            t = load_file(str(path))
+            return {"trigger": t["trigger"], "init": t["init"], **meta}
+    reference = load_reference(rec)
+    res = attack.attack(pipe, target_images(pipe, [reference]), seed=seed)
+    scores, threshold = _score(pipe, metric, res.trigger, reference, seeds)
+    at_start, _ = _score(pipe, metric, res.init, reference, seeds)  # the random starts themselves: a baseline
+    meta = {"key": key, "caption": rec.caption, "kind": rec.kind, "scores": scores.tolist(), "threshold": threshold,
+            "replicated": (scores > threshold).all(1).tolist(), "start_scores": at_start.tolist(),
+            "replicated_at_start": (at_start > threshold).all(1).tolist(),
+            "final_loss": res.loss[-1] if res.loss else None, "seconds": round(res.seconds, 2)}
+    write_safetensors(path, {"trigger": res.trigger.contiguous().cpu(), "init": res.init.contiguous().cpu()})
+    write_json(meta_path, meta)  # written last: marks the trigger file as complete
+    return {"trigger": res.trigger.cpu(), "init": res.init.cpu(), **meta}
+
+
+def _summary(found: dict) -> dict:
+    keys = ("kind", "scores", "threshold", "replicated", "start_scores", "replicated_at_start", "final_loss", "seconds")
+    return {k: found[k] for k in keys}
+
+
+def _localized(pipe, method, label: str, embeds: torch.Tensor | None, path: Path, key: dict):
+    """``method``'s mask from one embedding (None: from the prompt ``label``), saved at ``path`` and read
+    back when a run with the same ``key`` made it."""
+    from dori.mitigations.masks import Mask
+
+    key = json.loads(json.dumps(key, default=str))
+    if path.with_suffix(".json").is_file():
+        saved = Mask.load(path)
+        if saved.meta.get("locality_key") == key:
+            return saved
+    res = method.localize(pipe, label, embeds=embeds)
+    mask = res.mask if hasattr(res, "mask") else res
+    mask.meta["locality_key"] = key
+    mask.save(path)
+    return mask
+
+
+def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny", images_dir: str | None = None,
+                 max_targets: int | None = 3, starts: int = 8, steps: int = 50, methods: Sequence[str] = METHODS,
+                 seeds: Sequence[int] = (0, 1), seed: int = 0, attack: dict | None = None,
+                 method_params: dict | None = None, stats_prompts: str | None = None, metric: str | None = None,
+                 sscd_path: str | None = None, layer_group: str | None = None, control: int | None = 1,
+                 device: str = "cpu", command: str = "dori locality") -> dict:
+    """Run the three locality analyses on the first ``max_targets`` memorized images of ``prompt_set``
+    (None: all): DoRI from ``starts`` random starts each, ``steps`` steps (attack seed ``seed``; ``attack``:
+    more DoRI parameters), triggers kept when they replicate at every one of ``seeds``; NeMo and Wanda (those
+    of ``methods``, with ``method_params``) from each kept trigger. ``layer_group``: the activations' layers
+    (default: NeMo's layer group of this model). ``control``: non-memorized images per control kind (seen-once,
+    held-out, N) attacked the same way, whose triggers must not replicate (None: all; 0: none). Writes ``out`` (module docstring); returns locality.json's dict.
+    """
+    from dori.analyses.bypass import control_records
+    from dori.analyses.demo import _save_fig, check_method_params, make_attack, make_method, make_metric
+    from dori.analyses.mitigate import attack_targets, require_unique_captions
+    from dori.analyses.runfile import absolute_path
+    from dori.data.prompts import load_prompt_set
+    from dori.models.generate import encode_prompts
+    from dori.models.layers import check_layer_group, resolve_layers
+    from dori.models.loading import check_device, load_pipeline, model_id
+    from dori.registry import METRICS, MODELS, PROMPT_SETS
+    from dori.reports.images import slug
+    from dori.reports.results import manifest, write_json
+
+    t0 = time.time()
+    out = Path(out)
+    model, prompt_set = absolute_path(model, MODELS), absolute_path(prompt_set, PROMPT_SETS)
+    images_dir = images_dir and str(absolute_path(images_dir))
+    methods = list(methods)
+    config = dict(model=str(model), prompt_set=str(prompt_set), images_dir=images_dir, max_targets=max_targets,
+                  starts=starts, steps=steps, methods=methods, seeds=list(seeds), seed=seed, attack=attack,
+                  method_params=method_params, stats_prompts=stats_prompts, metric=metric,
+                  sscd_path=sscd_path and str(absolute_path(sscd_path)), layer_group=layer_group, control=control,
+                  device=device)
+    man = manifest(command, config, list(seeds))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise DoriError(f"--methods takes {' and '.join(METHODS)} (comma-separated, or none), got {bad}")
+    if starts < 2:
+        raise DoriError(f"--starts must be 2 or more (the analyses compare triggers of one image), got {starts}")
+    if not seeds:
+        raise DoriError("--seeds must name at least one sampling seed (e.g. 0,1)")
+    if max_targets is not None and max_targets < 1:
+        raise DoriError(f"--targets must be 1 or more (None: all), got {max_targets}")
+    if control is not None and control < 0:
+        raise DoriError(f"--control must be 0 or more images per control kind (None: all), got {control}")
+    if layer_group is not None:
+        check_layer_group(layer_group)
+    check_method_params(method_params or {}, methods)
+    if metric is not None:
+        METRICS.entry(metric)
+    records = load_prompt_set(prompt_set, images_dir)
+    targets = attack_targets(records, max_targets)
+    if not targets:
+        raise DoriError(f"the prompt set {prompt_set} has no memorized prompt with its reference image on disk: "
+                        "nothing to analyse (check --images-dir)")
+    require_unique_captions(targets)
+    controls = control_records(records, per_kind=control) if control else []
+    others = [r.caption for r in records if not r.memorized][:100]
+    memorized = [r.caption for r in records if r.memorized][:100]
+    check_device(device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoriError(f"cannot make {out}: {e.strerror}; give --out a folder you can write") from None
+    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise DoriError(f"cannot read and write in {out}: give --out a folder you can write")
+
+    pipe = load_pipeline(model, device=device)
+    dori = make_attack(pipe, {**(attack or {}), "init": "random", "restarts": starts, "steps": steps})
+    score_metric = make_metric(metric, pipe, sscd_path)
+    group = layer_group or pipe.dori_method_defaults.get("nemo", {}).get("layer_group", "nemo-value")
+    key = {"model": model_id(pipe), "attack": dori.params(), "seed": seed, "seeds": list(seeds),
+           "metric": repr(score_metric)}
+
+    # 1. triggers from random starts, one attack per image (its starts in one batch); the same attack on the
+    # non-memorized control, which must not replicate (else a trigger says nothing about memorization)
+    found, forced = {}, {}
+    for rec in tqdm(targets + controls, desc="DoRI from random starts", disable=None):
+        side = "triggers" if rec.memorized else "control"
+        path = out / side / f"{slug(rec.caption)}.safetensors"
+        got = find_triggers(pipe, dori, rec, score_metric, seeds, seed, path, {**key, "caption": rec.caption})
+        (found if rec.memorized else forced)[rec.caption] = got
+    kept = {c: torch.tensor(f["replicated"], dtype=torch.bool) for c, f in found.items()}
+    triggers = {c: f["trigger"][kept[c]] for c, f in found.items()}
+    prompt_embeds = {r.caption: encode_prompts(pipe, [r.caption])[0].cpu() for r in targets}
+    references = {"non-memorized prompts": encode_prompts(pipe, others).cpu() if others else torch.empty(0),
+                  "memorized prompts": encode_prompts(pipe, memorized).cpu()}
+    spread = trigger_spread(triggers, {c: f["init"][kept[c]] for c, f in found.items()}, prompt_embeds,
+                            {k: v for k, v in references.items() if v.shape[0] > 1})
+
+    # 2. activations: the triggers of each image against different memorized prompts
+    groups = {c: t for c, t in triggers.items() if t.shape[0] > 1}
+    div = activation_divergence(pipe, {**groups, "memorized prompts": references["memorized prompts"]}, group, seed)
+    per_image = [div["groups"][c] for c in groups]
+    div["triggers"] = [_mean(col) for col in zip(*per_image, strict=True)] if per_image else [None] * len(div["layers"])
+
+    # 3. weights: each method from each kept trigger and from the original prompt
+    agreement = {}
+    for name in methods:
+        method = make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
+        names = [r.name for r in resolve_layers(pipe.unet, method.layer_group)]
+        mkey = {**key, "method": json.loads(json.dumps(method.params(), default=str))}
+        rows = {}
+        work = [(c, i) for c in triggers for i in kept[c].nonzero().flatten().tolist()]
+        bar = tqdm(total=len(work) + len(triggers), desc=f"{name} from each trigger", disable=None)
+        for cap in triggers:
+            folder = out / "masks" / name / slug(cap)
+            prompt_mask = _localized(pipe, method, cap, None, folder / "prompt", {**mkey, "prompt": cap})
+            bar.update()
+            masks = []
+            for i in kept[cap].nonzero().flatten().tolist():
+                masks.append(_localized(pipe, method, f"DoRI trigger {i} of {cap}", found[cap]["trigger"][i][None],
+                                        folder / f"start{i}", {**mkey, "prompt": cap, "start": i}))
+                bar.update()
+            rows[cap] = mask_agreement(masks, prompt_mask, names)
+        bar.close()
+        agreement[name] = {"layers": names, "params": mkey["method"], "per_image": rows,
+                           "pairwise": [_mean(col) for col in zip(*(r["pairwise"] for r in rows.values()),
+                                                                   strict=True)] if rows else [],
+                           "to_prompt": [_mean(col) for col in zip(*(r["to_prompt"] for r in rows.values()),
+                                                                    strict=True)] if rows else []}
+
+    man["seconds"] = round(time.time() - t0, 1)
+    man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result = {"manifest": man, "attack": repr(dori), "metric": repr(score_metric),
+              "triggers": {c: _summary(f) for c, f in found.items()},
+              "control": {c: _summary(f) for c, f in forced.items()},
+              "found": {side: {"images": len(got), "starts": starts * len(got),
+                               "replicate": sum(sum(f["replicated"]) for f in got.values()),
+                               "replicate_at_start": sum(sum(f["replicated_at_start"]) for f in got.values())}
+                        for side, got in (("memorized", found), ("control", forced))},
+              "kept": {c: int(k.sum()) for c, k in kept.items()}, "starts": starts,
+              "spread": spread, "activations": div, "weights": agreement,
+              "reference_counts": {k: int(v.shape[0]) for k, v in references.items()}}
+    plot_locality(result, out / "plots" / "locality.png", _save_fig)
+    result["plot"] = "plots/locality.png"
+    write_json(out / "locality.json", result)
+    return result
+
+
+def plot_locality(res: dict, path: Path, save) -> None:
+    """Three panels: embedding distances, activation divergence per layer, IoU of pruned sets per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=110)
+    s = res["spread"]
+    bars = {"triggers of one image": s["mean"]["triggers"], "their random starts": s["mean"]["starts"],
+            **{k: v for k, v in s["references"].items()}}
+    bars = {k: v for k, v in bars.items() if v is not None}
+    axes[0].bar(range(len(bars)), list(bars.values()), color=["C3", "C7", "C0", "C1"][: len(bars)])
+    axes[0].set_xticks(range(len(bars)), list(bars), rotation=20, ha="right", fontsize=7)
+    axes[0].set_ylabel("mean pairwise L2 of embeddings")
+    axes[0].set_title("1. embedding space", fontsize=9)
+    a = res["activations"]
+    ids = list(range(1, len(a["layers"]) + 1))
+    for label, vals, color in (("triggers of one image", a["triggers"], "C3"),
+                               ("memorized prompts", a["groups"].get("memorized prompts"), "C1")):
+        if vals and any(v is not None for v in vals):
+            axes[1].plot(ids, [float("nan") if v is None else v for v in vals], "o-", color=color, label=label)
+    axes[1].set_xlabel(f"layer of {a['layer_group']}")
+    axes[1].set_ylabel("mean pairwise L2 of activations")
+    axes[1].set_title("2. activations", fontsize=9)
+    axes[1].legend(fontsize=7)
+    for i, (name, w) in enumerate(res["weights"].items()):
+        if w["pairwise"]:
+            axes[2].plot(range(1, len(w["layers"]) + 1), [float("nan") if v is None else v for v in w["pairwise"]],
+                         "o-", color=f"C{i + 4}", label=f"{name}: triggers of one image")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_xlabel("layer of the method's group")
+    axes[2].set_ylabel("mean pairwise IoU of pruned sets")
+    axes[2].set_title("3. weights", fontsize=9)
+    if res["weights"]:
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def summary_lines(res: dict) -> list[str]:
+    """The run's findings in a few printed lines (what ``dori locality`` says)."""
+
+    def nums(values, fmt: str = ".2f") -> str:
+        return " ".join("-" if v is None else format(v, fmt) for v in values)
+
+    f, s, a = res["found"], res["spread"], res["activations"]
+    lines = [f"DoRI from {res['starts']} random starts per image: {f['memorized']['replicate']} of "
+             f"{f['memorized']['starts']} triggers of {f['memorized']['images']} memorized images replicate at every "
+             f"seed ({f['memorized']['replicate_at_start']} of the starts alone); control: {f['control']['replicate']} "
+             f"of {f['control']['starts']} on {f['control']['images']} non-memorized images"]
+    m, ref = s["mean"], s["references"]
+    if m["triggers"] is not None:
+        refs = "; ".join(f"{k} {v:.1f}" for k, v in ref.items() if v is not None)
+        lines.append(f"1. embedding space: triggers of one image lie {m['triggers']:.1f} apart (L2; their starts "
+                     f"{m['starts']:.1f}; {refs}); each moved {m['moved']:.1f} from its start, the nearest start "
+                     f"is its own for {100 * m['nearest_own_start']:.0f}%")
+    else:
+        lines.append("1. embedding space: no image has 2 triggers that replicate: nothing to compare "
+                     "(more --starts or --steps)")
+    trig, mem = a["triggers"], a["groups"].get("memorized prompts", [])
+    if any(v is not None for v in trig) and mem:
+        higher = sum(t is not None and p is not None and t > p for t, p in zip(trig, mem, strict=True))
+        lines.append(f"2. activations ({a['layer_group']}, layers 1-{len(trig)}, mean pairwise L2): triggers of one "
+                     f"image {nums(trig, '.1f')}; memorized prompts {nums(mem, '.1f')}; the triggers' higher in {higher} of "
+                     f"{len(trig)} layers")
+    for name, w in res["weights"].items():
+        lines.append(f"3. weights, {name} from each trigger (IoU per layer): between triggers of one image "
+                     f"{nums(w['pairwise'])}; with the original prompt's {nums(w['to_prompt'])}")
+    return lines
