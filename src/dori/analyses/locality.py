@@ -230,7 +230,8 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     more DoRI parameters), triggers kept when they replicate at every one of ``seeds``; NeMo and Wanda (those
     of ``methods``, with ``method_params``) from each kept trigger. ``layer_group``: the activations' layers
     (default: NeMo's layer group of this model). ``control``: non-memorized images per control kind (seen-once,
-    held-out, N) attacked the same way, whose triggers must not replicate (None: all; 0: none). Writes ``out`` (module docstring); returns locality.json's dict.
+    held-out, N) attacked the same way, whose triggers must not replicate (None: all; 0: none). Writes ``out``
+    (module docstring); returns locality.json's dict.
     """
     from dori.analyses.bypass import control_records
     from dori.analyses.demo import _save_fig, check_method_params, make_attack, make_method, make_metric
@@ -424,9 +425,9 @@ def summary_lines(res: dict) -> list[str]:
     trig, mem = a["triggers"], a["groups"].get("memorized prompts", [])
     if any(v is not None for v in trig) and mem:
         higher = sum(t is not None and p is not None and t > p for t, p in zip(trig, mem, strict=True))
-        lines.append(f"2. activations ({a['layer_group']}, layers 1-{len(trig)}, mean pairwise L2): triggers of one "
-                     f"image {nums(trig, '.1f')}; memorized prompts {nums(mem, '.1f')}; the triggers' higher in {higher} of "
-                     f"{len(trig)} layers")
+        lines.append(f"2. activations ({a['layer_group']}, layers 1-{len(trig)}, mean pairwise L2): triggers of "
+                     f"one image {nums(trig, '.1f')}; memorized prompts {nums(mem, '.1f')}; the triggers' higher "
+                     f"in {higher} of {len(trig)} layers")
     for name, w in res["weights"].items():
         lines.append(f"3. weights, {name} from each trigger (IoU per layer): between triggers of one image "
                      f"{nums(w['pairwise'])}; with the original prompt's {nums(w['to_prompt'])}")
