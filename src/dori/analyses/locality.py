@@ -27,6 +27,7 @@ same arguments redoes only what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -171,6 +172,11 @@ def _score(pipe, metric, triggers: torch.Tensor, reference: torch.Tensor, seeds:
     return scores, float(metric.threshold_for(reference, images.shape[-1]))
 
 
+def image_seed(seed: int, caption: str) -> int:
+    """The attack seed of one image: its own random starts and draws, whatever else the run analyses."""
+    return int(hashlib.sha1(f"{seed}:{caption}".encode()).hexdigest()[:8], 16)
+
+
 def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, path: Path, key: dict) -> dict:
     """DoRI from random starts for one memorized image (``attack``: a DoRI with ``init="random"``); the
     triggers, their starts and scores, read from ``path`` when a run with the same ``key`` wrote them."""
@@ -189,7 +195,8 @@ def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, pa
     scores, threshold = _score(pipe, metric, res.trigger, reference, seeds)
     at_start, _ = _score(pipe, metric, res.init, reference, seeds)  # the random starts themselves: a baseline
     meta = {"key": key, "caption": rec.caption, "kind": rec.kind, "scores": scores.tolist(), "threshold": threshold,
-            "replicated": (scores > threshold).all(1).tolist(), "start_scores": at_start.tolist(),
+            "replicated": (scores > threshold).all(1).tolist(), "replicated_any": (scores > threshold).any(1).tolist(),
+            "start_scores": at_start.tolist(),
             "replicated_at_start": (at_start > threshold).all(1).tolist(),
             "final_loss": res.loss[-1] if res.loss else None, "seconds": round(res.seconds, 2)}
     write_safetensors(path, {"trigger": res.trigger.contiguous().cpu(), "init": res.init.contiguous().cpu()})
@@ -198,7 +205,8 @@ def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, pa
 
 
 def _summary(found: dict) -> dict:
-    keys = ("kind", "scores", "threshold", "replicated", "start_scores", "replicated_at_start", "final_loss", "seconds")
+    keys = ("kind", "scores", "threshold", "replicated", "replicated_any", "start_scores", "replicated_at_start",
+            "final_loss", "seconds")
     return {k: found[k] for k in keys}
 
 
@@ -299,10 +307,11 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     # 1. triggers from random starts, one attack per image (its starts in one batch); the same attack on the
     # non-memorized control, which must not replicate (else a trigger says nothing about memorization)
     found, forced = {}, {}
-    for rec in tqdm(targets + controls, desc="DoRI from random starts", disable=None):
+    for rec in tqdm(targets + controls, desc="DoRI from random starts"):
         side = "triggers" if rec.memorized else "control"
         path = out / side / f"{slug(rec.caption)}.safetensors"
-        got = find_triggers(pipe, dori, rec, score_metric, seeds, seed, path, {**key, "caption": rec.caption})
+        got = find_triggers(pipe, dori, rec, score_metric, seeds, image_seed(seed, rec.caption), path,
+                            {**key, "caption": rec.caption})
         (found if rec.memorized else forced)[rec.caption] = got
     kept = {c: torch.tensor(f["replicated"], dtype=torch.bool) for c, f in found.items()}
     triggers = {c: f["trigger"][kept[c]] for c, f in found.items()}
@@ -312,11 +321,15 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     spread = trigger_spread(triggers, {c: f["init"][kept[c]] for c, f in found.items()}, prompt_embeds,
                             {k: v for k, v in references.items() if v.shape[0] > 1})
 
-    # 2. activations: the triggers of each image against different memorized prompts
+    # 2. activations: the triggers of each image against different memorized prompts (and against the triggers'
+    # random starts: how much of the triggers' divergence the starts already had)
     groups = {c: t for c, t in triggers.items() if t.shape[0] > 1}
-    div = activation_divergence(pipe, {**groups, "memorized prompts": references["memorized prompts"]}, group, seed)
-    per_image = [div["groups"][c] for c in groups]
-    div["triggers"] = [_mean(col) for col in zip(*per_image, strict=True)] if per_image else [None] * len(div["layers"])
+    starts_of = {f"starts of {c}": found[c]["init"][kept[c]] for c in groups}
+    div = activation_divergence(pipe, {**groups, **starts_of, "memorized prompts": references["memorized prompts"]},
+                                group, seed)
+    for name, labels in (("triggers", list(groups)), ("starts", list(starts_of))):
+        rows = [div["groups"][c] for c in labels]
+        div[name] = [_mean(col) for col in zip(*rows, strict=True)] if rows else [None] * len(div["layers"])
 
     # 3. weights: each method from each kept trigger and from the original prompt
     agreement = {}
@@ -324,9 +337,9 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
         method = make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
         names = [r.name for r in resolve_layers(pipe.unet, method.layer_group)]
         mkey = {**key, "method": json.loads(json.dumps(method.params(), default=str))}
-        rows = {}
+        rows, prompt_masks = {}, []
         work = [(c, i) for c in triggers for i in kept[c].nonzero().flatten().tolist()]
-        bar = tqdm(total=len(work) + len(triggers), desc=f"{name} from each trigger", disable=None)
+        bar = tqdm(total=len(work) + len(triggers), desc=f"{name} from each trigger")
         for cap in triggers:
             folder = out / "masks" / name / slug(cap)
             prompt_mask = _localized(pipe, method, cap, None, folder / "prompt", {**mkey, "prompt": cap})
@@ -337,12 +350,16 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
                                         folder / f"start{i}", {**mkey, "prompt": cap, "start": i}))
                 bar.update()
             rows[cap] = mask_agreement(masks, prompt_mask, names)
+            prompt_masks.append(prompt_mask)
         bar.close()
         agreement[name] = {"layers": names, "params": mkey["method"], "per_image": rows,
                            "pairwise": [_mean(col) for col in zip(*(r["pairwise"] for r in rows.values()),
                                                                    strict=True)] if rows else [],
                            "to_prompt": [_mean(col) for col in zip(*(r["to_prompt"] for r in rows.values()),
-                                                                    strict=True)] if rows else []}
+                                                                    strict=True)] if rows else [],
+                           # the same pruning from different memorized prompts: how much any two masks share
+                           "between_prompts": mask_agreement(prompt_masks, prompt_masks[0], names)["pairwise"]
+                           if prompt_masks else []}
 
     man["seconds"] = round(time.time() - t0, 1)
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -351,6 +368,7 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
               "control": {c: _summary(f) for c, f in forced.items()},
               "found": {side: {"images": len(got), "starts": starts * len(got),
                                "replicate": sum(sum(f["replicated"]) for f in got.values()),
+                               "replicate_any_seed": sum(sum(f["replicated_any"]) for f in got.values()),
                                "replicate_at_start": sum(sum(f["replicated_at_start"]) for f in got.values())}
                         for side, got in (("memorized", found), ("control", forced))},
               "kept": {c: int(k.sum()) for c, k in kept.items()}, "starts": starts,
@@ -381,6 +399,7 @@ def plot_locality(res: dict, path: Path, save) -> None:
     a = res["activations"]
     ids = list(range(1, len(a["layers"]) + 1))
     for label, vals, color in (("triggers of one image", a["triggers"], "C3"),
+                               ("their random starts", a["starts"], "C7"),
                                ("memorized prompts", a["groups"].get("memorized prompts"), "C1")):
         if vals and any(v is not None for v in vals):
             axes[1].plot(ids, [float("nan") if v is None else v for v in vals], "o-", color=color, label=label)
@@ -392,6 +411,10 @@ def plot_locality(res: dict, path: Path, save) -> None:
         if w["pairwise"]:
             axes[2].plot(range(1, len(w["layers"]) + 1), [float("nan") if v is None else v for v in w["pairwise"]],
                          "o-", color=f"C{i + 4}", label=f"{name}: triggers of one image")
+        if w["between_prompts"] and len(res["triggers"]) > 1:
+            axes[2].plot(range(1, len(w["layers"]) + 1),
+                         [float("nan") if v is None else v for v in w["between_prompts"]], "s--", color=f"C{i + 4}",
+                         alpha=0.6, label=f"{name}: prompts of different images")
     axes[2].set_ylim(0, 1.05)
     axes[2].set_xlabel("layer of the method's group")
     axes[2].set_ylabel("mean pairwise IoU of pruned sets")
@@ -412,7 +435,8 @@ def summary_lines(res: dict) -> list[str]:
     lines = [f"DoRI from {res['starts']} random starts per image: {f['memorized']['replicate']} of "
              f"{f['memorized']['starts']} triggers of {f['memorized']['images']} memorized images replicate at every "
              f"seed ({f['memorized']['replicate_at_start']} of the starts alone); control: {f['control']['replicate']} "
-             f"of {f['control']['starts']} on {f['control']['images']} non-memorized images"]
+             f"of {f['control']['starts']} on {f['control']['images']} non-memorized images "
+             f"({f['control']['replicate_any_seed']} at one seed or more)"]
     m, ref = s["mean"], s["references"]
     if m["triggers"] is not None:
         refs = "; ".join(f"{k} {v:.1f}" for k, v in ref.items() if v is not None)
@@ -427,8 +451,9 @@ def summary_lines(res: dict) -> list[str]:
         higher = sum(t is not None and p is not None and t > p for t, p in zip(trig, mem, strict=True))
         lines.append(f"2. activations ({a['layer_group']}, layers 1-{len(trig)}, mean pairwise L2): triggers of "
                      f"one image {nums(trig, '.1f')}; memorized prompts {nums(mem, '.1f')}; the triggers' higher "
-                     f"in {higher} of {len(trig)} layers")
+                     f"in {higher} of {len(trig)} layers (their random starts: {nums(a['starts'], '.1f')})")
     for name, w in res["weights"].items():
         lines.append(f"3. weights, {name} from each trigger (IoU per layer): between triggers of one image "
-                     f"{nums(w['pairwise'])}; with the original prompt's {nums(w['to_prompt'])}")
+                     f"{nums(w['pairwise'])}; with the original prompt's {nums(w['to_prompt'])}; the original "
+                     f"prompts' of different images {nums(w['between_prompts'])}")
     return lines
