@@ -42,6 +42,7 @@ def test_trigger_spread_measures_moves_and_nearest_starts():
     assert row["kept"] == 3 and row["starts"] == pytest.approx((10 + 20 + 10) / 3)
     assert row["moved"] == pytest.approx((1 + 1 + (1 + 36) ** 0.5) / 3)
     assert row["nearest_own_start"] == pytest.approx(2 / 3)
+    assert row["starts_to_prompt"] == pytest.approx((0 + 10 + 20) / 3)
     assert got["references"] == {"prompts": 0.0} and got["mean"]["triggers"] == row["triggers"]
 
 

@@ -73,7 +73,8 @@ def trigger_spread(triggers: Mapping[str, torch.Tensor], starts: Mapping[str, to
             whose mean pairwise distance the triggers' is compared with.
 
     Per image: ``triggers`` (mean pairwise L2 of its triggers), ``starts`` (of their starts), ``moved``
-    (mean ``||y - y0||``), ``to_prompt`` (mean distance to the memorized prompt's embedding) and
+    (mean ``||y - y0||``), ``to_prompt`` and ``starts_to_prompt`` (mean distance of the triggers and of their
+    starts to the memorized prompt's embedding) and
     ``nearest_own_start`` (the fraction of triggers whose nearest start, among the image's kept ones,
     is their own). ``mean``: the per-image values averaged; ``references``: each group's mean pairwise L2.
     """
@@ -88,9 +89,10 @@ def trigger_spread(triggers: Mapping[str, torch.Tensor], starts: Mapping[str, to
             "starts": mean_pairwise_l2(y0),
             "moved": float((trig - y0).flatten(1).norm(dim=1).mean()) if k else None,
             "to_prompt": float((trig - prompt_embeds[cap]).flatten(1).norm(dim=1).mean()) if k else None,
+            "starts_to_prompt": float((y0 - prompt_embeds[cap]).flatten(1).norm(dim=1).mean()) if k else None,
             "nearest_own_start": float((nearest == torch.arange(k)).double().mean()) if k > 1 else None,
         }
-    keys = ("triggers", "starts", "moved", "to_prompt", "nearest_own_start")
+    keys = ("triggers", "starts", "moved", "to_prompt", "starts_to_prompt", "nearest_own_start")
     return {"per_image": per_image, "mean": {k: _mean(v[k] for v in per_image.values()) for k in keys},
             "references": {name: mean_pairwise_l2(e) for name, e in references.items()}}
 
@@ -403,7 +405,7 @@ def plot_locality(res: dict, path: Path, save) -> None:
                                ("memorized prompts", a["groups"].get("memorized prompts"), "C1")):
         if vals and any(v is not None for v in vals):
             axes[1].plot(ids, [float("nan") if v is None else v for v in vals], "o-", color=color, label=label)
-    axes[1].set_xlabel(f"layer of {a['layer_group']}")
+    axes[1].set_xlabel(f"layer of the group {a['layer_group']!r}")
     axes[1].set_ylabel("mean pairwise L2 of activations")
     axes[1].set_title("2. activations", fontsize=9)
     axes[1].legend(fontsize=7)
@@ -442,7 +444,8 @@ def summary_lines(res: dict) -> list[str]:
         refs = "; ".join(f"{k} {v:.1f}" for k, v in ref.items() if v is not None)
         lines.append(f"1. embedding space: triggers of one image lie {m['triggers']:.1f} apart (L2; their starts "
                      f"{m['starts']:.1f}; {refs}); each moved {m['moved']:.1f} from its start, the nearest start "
-                     f"is its own for {100 * m['nearest_own_start']:.0f}%")
+                     f"is its own for {100 * m['nearest_own_start']:.0f}%; to the prompt's embedding "
+                     f"{m['to_prompt']:.1f} (the starts {m['starts_to_prompt']:.1f})")
     else:
         lines.append("1. embedding space: no image has 2 triggers that replicate: nothing to compare "
                      "(more --starts or --steps)")
