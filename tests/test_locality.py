@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from dori.analyses.locality import mask_agreement, mean_pairwise_l2, run_locality, summary_lines, trigger_spread
+from dori.analyses.locality import (
+    across_images,
+    mask_agreement,
+    mean_pairwise_l2,
+    run_locality,
+    summary_lines,
+    trigger_spread,
+)
 from dori.errors import DoriError
 from dori.mitigations.masks import Mask
 
@@ -28,6 +35,15 @@ def test_mask_agreement_is_per_layer_iou_with_both_empty_counting_one():
     assert got["pairs"] == 1 and got["empty"] == 0
     one = mask_agreement([m1], prompt, names)
     assert one["pairwise"] == [None, None, None] and one["pairs"] == 0
+
+
+def test_across_images_pairs_only_triggers_of_different_images():
+    names = ["a"]
+    same = Mask("weight", {"a": [1, 2]})
+    other = Mask("weight", {"a": [2, 3]})
+    # image x's two identical sets are never compared with each other; x-y pairs: IoU 1/3 each
+    assert across_images({"x": [same, same], "y": [other]}, names) == pytest.approx([1 / 3])
+    assert across_images({"x": [same, same], "y": []}, names) == [None]
 
 
 def test_trigger_spread_measures_moves_and_nearest_starts():
@@ -68,7 +84,7 @@ def test_layer_activations_are_the_layers_outputs(tiny_pipe):
     from dori.models.layers import resolve_layers
 
     emb = encode_prompts(tiny_pipe, ["a red circle on a blue background", "chelsea the orange tabby cat looking up"])
-    acts = layer_activations(tiny_pipe, emb, "value")
+    acts = layer_activations(tiny_pipe, emb, "value", batch_size=1)  # two UNet calls, concatenated in order
     for ref in resolve_layers(tiny_pipe.unet, "value"):  # a value projection sees the text embedding only
         torch.testing.assert_close(acts[ref.name], ref.module(emb).detach())
     same = activation_divergence(tiny_pipe, {"twice": emb[:1].expand(2, -1, -1), "two": emb}, "ffn-out")
@@ -77,7 +93,7 @@ def test_layer_activations_are_the_layers_outputs(tiny_pipe):
 
 
 def _run(out, **kw):
-    args = dict(max_targets=2, starts=3, steps=10, methods=["wanda"], seeds=(0,), attack={"pairs": 2}, control=1)
+    args = dict(max_targets=2, starts=3, steps=10, methods=["wanda"], seeds=(0, 1), attack={"pairs": 2}, control=1)
     return run_locality(out, **{**args, **kw})
 
 
@@ -92,6 +108,7 @@ def test_run_locality_finds_triggers_not_control_and_resumes(tmp_path, monkeypat
     """From random starts DoRI brings back memorized images, not the control's photos; a run started again
     redoes nothing, and one killed midway (a trigger file and a mask missing) ends with the same numbers."""
     from dori.attacks.dori import DoRI
+    from dori.mitigations.wanda import Wanda
 
     res = _run(tmp_path)
     found = res["found"]
@@ -102,13 +119,19 @@ def test_run_locality_finds_triggers_not_control_and_resumes(tmp_path, monkeypat
     assert _numbers(on_disk) == json.loads(json.dumps(_numbers(res)))
     assert (tmp_path / "plots" / "locality.png").is_file()
     assert res["weights"]["wanda"]["pairwise"] and all(0 <= v <= 1 for v in res["weights"]["wanda"]["to_prompt"])
-    assert len(summary_lines(res)) == 4
+    lines = summary_lines(res)
+    assert len(lines) == 4 and "0 of 6 on 2 non-memorized images" in lines[0]
+    # at 10 steps the cat has no trigger that replicates at both seeds: no pair of images to compare
+    assert res["kept"] == {"portrait of an astronaut in a white spacesuit before the american flag": 3,
+                           "chelsea the orange tabby cat looking up": 0}
+    assert res["weights"]["wanda"]["across_images"] == [None] * len(res["weights"]["wanda"]["layers"])
 
-    def no_attack(*a, **k):
-        raise AssertionError("a finished run attacked again")
+    def redone(*a, **k):
+        raise AssertionError("a finished run attacked or pruned again")
 
     with monkeypatch.context() as m:
-        m.setattr(DoRI, "attack", no_attack)
+        m.setattr(DoRI, "attack", redone)
+        m.setattr(Wanda, "localize", redone)
         assert _numbers(_run(tmp_path)) == _numbers(on_disk)
     first = sorted((tmp_path / "triggers").glob("*.json"))[0]
     first.unlink()  # killed before this image's triggers were marked complete
@@ -120,8 +143,21 @@ def test_run_locality_finds_triggers_not_control_and_resumes(tmp_path, monkeypat
 
 @pytest.mark.parametrize(("kw", "match"), [({"methods": ["nemo", "esd"]}, "--methods"), ({"starts": 1}, "--starts"),
                                            ({"seeds": ()}, "--seeds"), ({"control": -1}, "--control"),
-                                           ({"layer_group": "values"}, "Did you mean")])
+                                           ({"layer_group": "values"}, "Did you mean"),
+                                           ({"steps": -1}, "attack: steps"), ({"attack": {"lr": 0}}, "attack: lr"),
+                                           ({"metric": "sscd-nemo"}, "--sscd")])
 def test_run_locality_refuses_bad_settings_before_loading(tmp_path, kw, match):
     with pytest.raises(DoriError, match=match):
         _run(tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_without_control_or_kept_triggers_says_so(tmp_path, caplog):
+    """One step from random starts brings nothing back: the summary says there is nothing to compare, and a run
+    without a control says that its triggers cannot be judged."""
+    res = _run(tmp_path, max_targets=1, starts=2, steps=1, methods=[], control=0)
+    assert res["found"]["memorized"]["replicate"] == 0 and res["found"]["control"]["images"] == 0
+    lines = summary_lines(res)
+    assert "no non-memorized control was attacked" in lines[0]
+    assert lines[1].startswith("1. embedding space: no image has 2 triggers") and len(lines) == 2
+    assert "no non-memorized control is attacked (--control 0)" in caplog.text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ from dori.mitigations.masks import SavedMasks, mask_files
 from dori.models.layers import resolve_layers
 from dori.models.loading import check_device, load_pipeline, model_id
 from dori.reports.html import render_report
-from dori.reports.results import SCHEMA_VERSION, ItemStore, manifest, write_json
+from dori.reports.results import SCHEMA_VERSION, ItemStore, make_out_dir, manifest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +196,18 @@ def _default_metric_unloaded(model: str) -> str | None:
         return None
 
 
+def check_metric(name: str | None, model: str, sscd_path: str | None = None) -> None:
+    """The metric's settings, before the model loads: an unknown name (one error with a did-you-mean), or an
+    SSCD metric (named, or the default of a latent model) without its weights file."""
+    from dori.registry import METRICS
+
+    if name is not None:
+        METRICS.entry(name)
+    if (name or _default_metric_unloaded(model) or "").startswith("sscd") and not (
+            sscd_path and Path(sscd_path).expanduser().is_file()):
+        make_metric(name or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
+
+
 def make_metric(name: str | None, pipe, sscd_path: str | None = None):
     """The replication metric: pixel-ssim for pixel-space models (the tiny one), SSCD-NeMo otherwise."""
     from dori.registry import METRICS
@@ -351,7 +362,7 @@ def run_demo(
     ``accelerate launch`` or ``torchrun``, the processes share the work (:mod:`dori.analyses.distributed`):
     each returns every row and table; the first writes results.json, the plots and the report.
     """
-    from dori.registry import METRICS, MODELS, PROMPT_SETS
+    from dori.registry import MODELS, PROMPT_SETS
 
     t0 = time.time()
     out = Path(out)
@@ -395,11 +406,7 @@ def run_demo(
     check_device(device)
     _check_settings(seeds, stages, num_inference_steps, guidance_rescale, images_dir, attack)
     if "generate" in stages:  # the metric (detection alone needs none), checked before the model loads
-        if metric is not None:
-            METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
-        if (metric or _default_metric_unloaded(model) or "").startswith("sscd") and not (
-                sscd_path and Path(sscd_path).expanduser().is_file()):
-            make_metric(metric or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
+        check_metric(metric, model, sscd_path)
     if "bypass" in stages and (not budgets or min(budgets) < 0):
         raise DoriError(f"budgets must be DoRI step counts, 0 or more, at least one; got {list(budgets)}")
     if "nemo" in stages and stats_prompts:
@@ -439,13 +446,7 @@ def run_demo(
         if any(Path(path).resolve().is_relative_to((out / "masks" / w).resolve()) for w in written):
             raise DoriError(f"mask set {name!r}: {path} is a mask folder this run writes; copy the masks "
                             "elsewhere or write the run to another --out")
-    try:  # only now: a run refused above leaves no folder behind
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DoriError(f"cannot make the run directory {out}: {e.strerror} ({e.filename}); give --out a folder "
-                        "you can write") from None
-    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):  # an existing folder of someone else's, or read-only
-        raise DoriError(f"cannot read and write in the run directory {out}: give --out a folder you can write")
+    make_out_dir(out, "the run directory ")  # only now: a run refused above leaves no folder behind
     shard = Shard.from_env(device)
     man["processes"] = shard.world
     if shard.main:

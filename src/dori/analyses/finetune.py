@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -115,15 +114,15 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     and ``sscd_path`` as for ``dori attack`` judge that it is no copy). ``attack``:
     DoRI's parameters (default: the model's). ``keep_prompts``: see :func:`keep_pairs`.
     """
-    from dori.analyses.demo import _default_metric_unloaded, check_method_params, make_attack, make_method, make_metric
+    from dori.analyses.demo import check_method_params, check_metric, make_attack, make_method, make_metric
     from dori.analyses.mitigate import attack_targets, localize_masks, require_unique_captions
     from dori.analyses.runfile import absolute_path
     from dori.data.prompts import load_image, load_prompt_set, load_reference
     from dori.mitigations.adversarial_finetuning import AdversarialFineTuning
     from dori.models.loading import check_device, load_pipeline, model_id
-    from dori.registry import METRICS, MODELS, PROMPT_SETS
+    from dori.registry import MODELS, PROMPT_SETS
     from dori.reports.images import slug
-    from dori.reports.results import manifest, tensor_digest, write_json
+    from dori.reports.results import make_out_dir, manifest, tensor_digest, write_json
 
     t0 = time.time()
     out = Path(out)
@@ -151,11 +150,7 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     require_unique_captions(targets)
     keep = keep_records(str(model), keep_prompts, keep_images_dir)
     check_device(device)
-    if metric is not None:
-        METRICS.entry(metric)  # an unknown name: one error with a did-you-mean
-    if (metric or _default_metric_unloaded(model) or "").startswith("sscd") and not (
-            sscd_path and Path(sscd_path).expanduser().is_file()):
-        make_metric(metric or "sscd-nemo", None, sscd_path)  # its clear error: the flag, or the missing file
+    check_metric(metric, str(model), sscd_path)
     done = out / "finetune.json"
     if done.is_file():  # a finished run: the same settings are done, other ones would replace it
         old = json.loads(done.read_text())
@@ -167,12 +162,7 @@ def run_finetune(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
         raise DoriError(f"{out} holds a fine-tune made with other settings (finetune.json): give another --out")
     if (out / "unet").exists() and not (out / "checkpoints").is_dir():
         raise DoriError(f"{out / 'unet'} exists and was not written by dori finetune: give another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DoriError(f"cannot make {out}: {e.strerror}; give --out a folder you can write") from None
-    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
-        raise DoriError(f"cannot read and write in {out}: give --out a folder you can write")
+    make_out_dir(out)
 
     pipe = load_pipeline(model, device=device)
     dori = make_attack(pipe, attack)

@@ -11,7 +11,7 @@ triggers whose generations replicate the image at every evaluated seed are kept.
 2. **Activations** (:func:`activation_divergence`): per layer, the mean pairwise L2 of the activations
    that the triggers of one image produce, against that of different memorized prompts (initial noise
    and timestep fixed: the first sampling step at one seed). The paper, NeMo's layers 1-7: triggers
-   153-517, memorized prompts 72-405, the triggers higher in every layer. A value projection's output
+   110-517, memorized prompts 72-405, the triggers higher in every layer. A value projection's output
    depends on the embedding only; other layer groups (e.g. ``ffn-out``) depend on the noise as well.
 3. **Weights** (:func:`mask_agreement`): NeMo and Wanda run from each trigger (their ``embeds=``); per
    layer, the IoU of the selected sets averaged over pairs of triggers of one image (1 when both are
@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -163,6 +162,21 @@ def mask_agreement(trigger_masks: Sequence, prompt_mask, names: Sequence[str]) -
             "empty": sum(len(m) == 0 for m in trigger_masks), "masks": len(trigger_masks)}
 
 
+def across_images(trigger_masks: Mapping[str, Sequence], names: Sequence[str]) -> list[float | None]:
+    """Per layer, the IoU of two triggers' sets averaged over all pairs of triggers of *different* images
+    (``trigger_masks``: image -> its triggers' masks): what any two sets share, the baseline for
+    :func:`mask_agreement`'s ``pairwise``. None where no two images have a mask."""
+    images = list(trigger_masks)
+    rows = [_layer_iou(a, b, names) for i, c in enumerate(images) for d in images[i + 1:]
+            for a in trigger_masks[c] for b in trigger_masks[d]]
+    return _by_layer(rows, len(names))
+
+
+def _by_layer(rows: Sequence[Sequence[float | None]], n: int) -> list[float | None]:
+    """Per column, the mean of the rows' values (None where no row has one)."""
+    return [_mean(col) for col in zip(*rows, strict=True)] if rows else [None] * n
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 def _score(pipe, metric, triggers: torch.Tensor, reference: torch.Tensor, seeds: Sequence[int]):
     """Replication scores ``K x seeds`` of the images each trigger generates, against ``reference``, and the
@@ -179,9 +193,10 @@ def image_seed(seed: int, caption: str) -> int:
     return int(hashlib.sha1(f"{seed}:{caption}".encode()).hexdigest()[:8], 16)
 
 
-def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, path: Path, key: dict) -> dict:
-    """DoRI from random starts for one memorized image (``attack``: a DoRI with ``init="random"``); the
-    triggers, their starts and scores, read from ``path`` when a run with the same ``key`` wrote them."""
+def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], path: Path, key: dict) -> dict:
+    """DoRI from random starts for one image (``attack``: a DoRI with ``init="random"``, run with attack seed
+    ``key["attack_seed"]``); the triggers, their starts and scores, read from ``path`` when a run with the same
+    ``key`` wrote them."""
     from dori.analyses.bypass import target_images
     from dori.data.prompts import load_reference
     from dori.reports.results import write_json, write_safetensors
@@ -193,7 +208,7 @@ def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, pa
             t = load_file(str(path))
             return {"trigger": t["trigger"], "init": t["init"], **meta}
     reference = load_reference(rec)
-    res = attack.attack(pipe, target_images(pipe, [reference]), seed=seed)
+    res = attack.attack(pipe, target_images(pipe, [reference]), seed=key["attack_seed"])
     scores, threshold = _score(pipe, metric, res.trigger, reference, seeds)
     at_start, _ = _score(pipe, metric, res.init, reference, seeds)  # the random starts themselves: a baseline
     meta = {"key": key, "caption": rec.caption, "kind": rec.kind, "scores": scores.tolist(), "threshold": threshold,
@@ -201,6 +216,7 @@ def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], seed: int, pa
             "start_scores": at_start.tolist(),
             "replicated_at_start": (at_start > threshold).all(1).tolist(),
             "final_loss": res.loss[-1] if res.loss else None, "seconds": round(res.seconds, 2)}
+    meta_path.unlink(missing_ok=True)  # an older run's record must never vouch for these tensors
     write_safetensors(path, {"trigger": res.trigger.contiguous().cpu(), "init": res.init.contiguous().cpu()})
     write_json(meta_path, meta)  # written last: marks the trigger file as complete
     return {"trigger": res.trigger.cpu(), "init": res.init.cpu(), **meta}
@@ -212,20 +228,22 @@ def _summary(found: dict) -> dict:
     return {k: found[k] for k in keys}
 
 
-def _localized(pipe, method, label: str, embeds: torch.Tensor | None, path: Path, key: dict):
-    """``method``'s mask from one embedding (None: from the prompt ``label``), saved at ``path`` and read
-    back when a run with the same ``key`` made it."""
-    from dori.mitigations.masks import Mask
+def _localized(pipe, method, label: str, embeds: torch.Tensor, path: Path, key: dict):
+    """``method``'s mask from one embedding, saved at ``path`` and read back when a run with the same ``key``
+    (which holds the embedding's digest) made it."""
+    from dori.mitigations.masks import Mask, mask_files
 
     key = json.loads(json.dumps(key, default=str))
-    if path.with_suffix(".json").is_file():
+    _, js, st = mask_files(path)
+    if js.is_file() and st.is_file():
         saved = Mask.load(path)
         if saved.meta.get("locality_key") == key:
             return saved
     res = method.localize(pipe, label, embeds=embeds)
     mask = res.mask if hasattr(res, "mask") else res
     mask.meta["locality_key"] = key
-    mask.save(path)
+    js.unlink(missing_ok=True)  # an older mask's record must never vouch for the new indices
+    mask.save(path)  # the JSON last
     return mask
 
 
@@ -243,22 +261,24 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     held-out, N) attacked the same way, whose triggers must not replicate (None: all; 0: none). Writes ``out``
     (module docstring); returns locality.json's dict.
     """
-    from dori.analyses.bypass import control_records
-    from dori.analyses.demo import _save_fig, check_method_params, make_attack, make_method, make_metric
-    from dori.analyses.mitigate import attack_targets, require_unique_captions
+    from dori.analyses.bypass import control_records, target_images
+    from dori.analyses.demo import _save_fig, check_method_params, check_metric, make_attack, make_method, make_metric
+    from dori.analyses.mitigate import attack_targets, localize_masks, require_unique_captions
     from dori.analyses.runfile import absolute_path
-    from dori.data.prompts import load_prompt_set
+    from dori.attacks.dori import DoRI
+    from dori.data.prompts import load_prompt_set, load_reference
     from dori.models.generate import encode_prompts
     from dori.models.layers import check_layer_group, resolve_layers
     from dori.models.loading import check_device, load_pipeline, model_id
-    from dori.registry import METRICS, MODELS, PROMPT_SETS
+    from dori.registry import MODELS, PROMPT_SETS
     from dori.reports.images import slug
-    from dori.reports.results import manifest, write_json
+    from dori.reports.results import make_out_dir, manifest, tensor_digest, write_json
 
     t0 = time.time()
     out = Path(out)
     model, prompt_set = absolute_path(model, MODELS), absolute_path(prompt_set, PROMPT_SETS)
     images_dir = images_dir and str(absolute_path(images_dir))
+    stats_prompts = stats_prompts and str(absolute_path(stats_prompts, PROMPT_SETS))
     methods = list(methods)
     config = dict(model=str(model), prompt_set=str(prompt_set), images_dir=images_dir, max_targets=max_targets,
                   starts=starts, steps=steps, methods=methods, seeds=list(seeds), seed=seed, attack=attack,
@@ -266,6 +286,7 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
                   sscd_path=sscd_path and str(absolute_path(sscd_path)), layer_group=layer_group, control=control,
                   device=device)
     man = manifest(command, config, list(seeds))
+    # every setting that can be checked before the model loads, with one clear error each
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise DoriError(f"--methods takes {' and '.join(METHODS)} (comma-separated, or none), got {bad}")
@@ -277,43 +298,56 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
         raise DoriError(f"--targets must be 1 or more (None: all), got {max_targets}")
     if control is not None and control < 0:
         raise DoriError(f"--control must be 0 or more images per control kind (None: all), got {control}")
+    dori_params = {**(attack or {}), "init": "random", "restarts": starts, "steps": steps}
+    try:
+        DoRI(**dori_params)
+    except (TypeError, ValueError) as e:
+        raise DoriError(f"attack: {e}") from None
     if layer_group is not None:
         check_layer_group(layer_group)
     check_method_params(method_params or {}, methods)
-    if metric is not None:
-        METRICS.entry(metric)
+    if "nemo" in methods and stats_prompts:
+        load_prompt_set(stats_prompts, default_kind="N")  # read now: a bad file fails before the model loads
+    check_metric(metric, str(model), sscd_path)
     records = load_prompt_set(prompt_set, images_dir)
     targets = attack_targets(records, max_targets)
     if not targets:
         raise DoriError(f"the prompt set {prompt_set} has no memorized prompt with its reference image on disk: "
                         "nothing to analyse (check --images-dir)")
-    require_unique_captions(targets)
-    controls = control_records(records, per_kind=control) if control else []
+    controls = control_records(records, per_kind=control) if control != 0 else []
+    require_unique_captions(targets + controls)
+    if not controls:
+        log.warning("no non-memorized control is attacked (%s): whether DoRI from random starts forces any image "
+                    "on this model is not checked", "--control 0" if control == 0 else "the prompt set has none "
+                    "with a reference image")
     others = [r.caption for r in records if not r.memorized][:100]
     memorized = [r.caption for r in records if r.memorized][:100]
     check_device(device)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DoriError(f"cannot make {out}: {e.strerror}; give --out a folder you can write") from None
-    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
-        raise DoriError(f"cannot read and write in {out}: give --out a folder you can write")
+    make_out_dir(out)
 
     pipe = load_pipeline(model, device=device)
-    dori = make_attack(pipe, {**(attack or {}), "init": "random", "restarts": starts, "steps": steps})
+    dori = make_attack(pipe, dori_params)
     score_metric = make_metric(metric, pipe, sscd_path)
-    group = layer_group or pipe.dori_method_defaults.get("nemo", {}).get("layer_group", "nemo-value")
+    made = {name: make_method(name, pipe, stats_prompts, (method_params or {}).get(name)) for name in methods}
+    if layer_group is None:  # NeMo's layers (its shipped setting, or this run's)
+        from dori.mitigations.nemo import NeMo
+
+        layer_group = made["nemo"].layer_group if "nemo" in made else NeMo(
+            **pipe.dori_method_defaults.get("nemo", {})).layer_group
+    resolve_layers(pipe.unet, layer_group)  # a group this UNet lacks: one clear error, before any attack
     key = {"model": model_id(pipe), "attack": dori.params(), "seed": seed, "seeds": list(seeds),
-           "metric": repr(score_metric)}
+           "metric": [repr(score_metric), getattr(score_metric, "source", None),
+                      getattr(score_metric, "version", None)]}
 
     # 1. triggers from random starts, one attack per image (its starts in one batch); the same attack on the
     # non-memorized control, which must not replicate (else a trigger says nothing about memorization)
     found, forced = {}, {}
     for rec in tqdm(targets + controls, desc="DoRI from random starts"):
-        side = "triggers" if rec.memorized else "control"
-        path = out / side / f"{slug(rec.caption)}.safetensors"
-        got = find_triggers(pipe, dori, rec, score_metric, seeds, image_seed(seed, rec.caption), path,
-                            {**key, "caption": rec.caption})
+        path = out / ("triggers" if rec.memorized else "control") / f"{slug(rec.caption)}.safetensors"
+        target = target_images(pipe, [load_reference(rec)])
+        got = find_triggers(pipe, dori, rec, score_metric, seeds, path,
+                            {**key, "caption": rec.caption, "target": tensor_digest(target),
+                             "attack_seed": image_seed(seed, rec.caption)})
         (found if rec.memorized else forced)[rec.caption] = got
     kept = {c: torch.tensor(f["replicated"], dtype=torch.bool) for c, f in found.items()}
     triggers = {c: f["trigger"][kept[c]] for c, f in found.items()}
@@ -328,40 +362,33 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     groups = {c: t for c, t in triggers.items() if t.shape[0] > 1}
     starts_of = {f"starts of {c}": found[c]["init"][kept[c]] for c in groups}
     div = activation_divergence(pipe, {**groups, **starts_of, "memorized prompts": references["memorized prompts"]},
-                                group, seed)
+                                layer_group, seed)
     for name, labels in (("triggers", list(groups)), ("starts", list(starts_of))):
-        rows = [div["groups"][c] for c in labels]
-        div[name] = [_mean(col) for col in zip(*rows, strict=True)] if rows else [None] * len(div["layers"])
+        div[name] = _by_layer([div["groups"][c] for c in labels], len(div["layers"]))
 
-    # 3. weights: each method from each kept trigger and from the original prompt
+    # 3. weights: each method from each kept trigger and from the original prompt (masks/<method>/<caption>, as
+    # `dori mitigate` saves them)
     agreement = {}
-    for name in methods:
-        method = make_method(name, pipe, stats_prompts, (method_params or {}).get(name))
+    for name, method in made.items():
         names = [r.name for r in resolve_layers(pipe.unet, method.layer_group)]
-        mkey = {**key, "method": json.loads(json.dumps(method.params(), default=str))}
-        rows, prompt_masks = {}, []
+        prompt_masks = localize_masks(pipe, method, targets, out)
+        mkey = {"model": key["model"], "method": method.params()}
         work = [(c, i) for c in triggers for i in kept[c].nonzero().flatten().tolist()]
-        bar = tqdm(total=len(work) + len(triggers), desc=f"{name} from each trigger")
-        for cap in triggers:
-            folder = out / "masks" / name / slug(cap)
-            prompt_mask = _localized(pipe, method, cap, None, folder / "prompt", {**mkey, "prompt": cap})
-            bar.update()
-            masks = []
-            for i in kept[cap].nonzero().flatten().tolist():
-                masks.append(_localized(pipe, method, f"DoRI trigger {i} of {cap}", found[cap]["trigger"][i][None],
-                                        folder / f"start{i}", {**mkey, "prompt": cap, "start": i}))
-                bar.update()
-            rows[cap] = mask_agreement(masks, prompt_mask, names)
-            prompt_masks.append(prompt_mask)
-        bar.close()
-        agreement[name] = {"layers": names, "params": mkey["method"], "per_image": rows,
-                           "pairwise": [_mean(col) for col in zip(*(r["pairwise"] for r in rows.values()),
-                                                                   strict=True)] if rows else [],
-                           "to_prompt": [_mean(col) for col in zip(*(r["to_prompt"] for r in rows.values()),
-                                                                    strict=True)] if rows else [],
-                           # the same pruning from different memorized prompts: how much any two masks share
-                           "between_prompts": mask_agreement(prompt_masks, prompt_masks[0], names)["pairwise"]
-                           if prompt_masks else []}
+        trigger_masks: dict[str, list] = {c: [] for c in triggers}
+        for cap, i in tqdm(work, desc=f"{name} from each trigger"):
+            emb = found[cap]["trigger"][i][None]
+            trigger_masks[cap].append(_localized(
+                pipe, method, f"DoRI trigger {i} of {cap}", emb, out / "masks" / name / slug(cap) / f"start{i}",
+                {**mkey, "trigger": tensor_digest(emb)}))
+        rows = {c: mask_agreement(trigger_masks[c], prompt_masks[c], names) for c in triggers}
+        prompts = list(prompt_masks.values())
+        agreement[name] = {"layers": names, "params": json.loads(json.dumps(method.params(), default=str)),
+                           "per_image": rows,
+                           "pairwise": _by_layer([r["pairwise"] for r in rows.values()], len(names)),
+                           "to_prompt": _by_layer([r["to_prompt"] for r in rows.values()], len(names)),
+                           # baselines: the same pruning from triggers of different images, from different prompts
+                           "across_images": across_images(trigger_masks, names),
+                           "between_prompts": mask_agreement(prompts, prompts[0], names)["pairwise"]}
 
     man["seconds"] = round(time.time() - t0, 1)
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -375,10 +402,10 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
                         for side, got in (("memorized", found), ("control", forced))},
               "kept": {c: int(k.sum()) for c, k in kept.items()}, "starts": starts,
               "spread": spread, "activations": div, "weights": agreement,
-              "reference_counts": {k: int(v.shape[0]) for k, v in references.items()}}
-    plot_locality(result, out / "plots" / "locality.png", _save_fig)
-    result["plot"] = "plots/locality.png"
+              "reference_counts": {k: int(v.shape[0]) for k, v in references.items()},
+              "plot": "plots/locality.png"}
     write_json(out / "locality.json", result)
+    plot_locality(result, out / "plots" / "locality.png", _save_fig)
     return result
 
 
@@ -413,10 +440,10 @@ def plot_locality(res: dict, path: Path, save) -> None:
         if w["pairwise"]:
             axes[2].plot(range(1, len(w["layers"]) + 1), [float("nan") if v is None else v for v in w["pairwise"]],
                          "o-", color=f"C{i + 4}", label=f"{name}: triggers of one image")
-        if w["between_prompts"] and len(res["triggers"]) > 1:
+        if any(v is not None for v in w["across_images"]):
             axes[2].plot(range(1, len(w["layers"]) + 1),
-                         [float("nan") if v is None else v for v in w["between_prompts"]], "s--", color=f"C{i + 4}",
-                         alpha=0.6, label=f"{name}: prompts of different images")
+                         [float("nan") if v is None else v for v in w["across_images"]], "s--", color=f"C{i + 4}",
+                         alpha=0.6, label=f"{name}: triggers of different images")
     axes[2].set_ylim(0, 1.05)
     axes[2].set_xlabel("layer of the method's group")
     axes[2].set_ylabel("mean pairwise IoU of pruned sets")
@@ -434,29 +461,35 @@ def summary_lines(res: dict) -> list[str]:
         return " ".join("-" if v is None else format(v, fmt) for v in values)
 
     f, s, a = res["found"], res["spread"], res["activations"]
-    lines = [f"DoRI from {res['starts']} random starts per image: {f['memorized']['replicate']} of "
-             f"{f['memorized']['starts']} triggers of {f['memorized']['images']} memorized images replicate at every "
-             f"seed ({f['memorized']['replicate_at_start']} of the starts alone); control: {f['control']['replicate']} "
-             f"of {f['control']['starts']} on {f['control']['images']} non-memorized images "
-             f"({f['control']['replicate_any_seed']} at one seed or more)"]
+    mem, ctl = f["memorized"], f["control"]
+    lines = [f"DoRI from {res['starts']} random starts per image: {mem['replicate']} of {mem['starts']} triggers of "
+             f"{mem['images']} memorized images replicate at every seed ({mem['replicate_at_start']} of the starts "
+             "alone); " + (f"control: {ctl['replicate']} of {ctl['starts']} on {ctl['images']} non-memorized images "
+                           f"({ctl['replicate_any_seed']} at one seed or more)" if ctl["images"] else
+                           "no non-memorized control was attacked: whether this attack forces any image is unknown")]
+    if ctl["replicate"]:
+        lines.append(f"warning: DoRI from random starts forced {ctl['replicate']} triggers of non-memorized images: on "
+                     "this model a trigger that replicates is no evidence that the image is memorized")
     m, ref = s["mean"], s["references"]
     if m["triggers"] is not None:
-        refs = "; ".join(f"{k} {v:.1f}" for k, v in ref.items() if v is not None)
+        refs = "".join(f"; {k} {v:.1f}" for k, v in ref.items() if v is not None)
         lines.append(f"1. embedding space: triggers of one image lie {m['triggers']:.1f} apart (L2; their starts "
-                     f"{m['starts']:.1f}; {refs}); each moved {m['moved']:.1f} from its start, the nearest start "
+                     f"{m['starts']:.1f}{refs}); each moved {m['moved']:.1f} from its start, the nearest start "
                      f"is its own for {100 * m['nearest_own_start']:.0f}%; to the prompt's embedding "
                      f"{m['to_prompt']:.1f} (the starts {m['starts_to_prompt']:.1f})")
     else:
         lines.append("1. embedding space: no image has 2 triggers that replicate: nothing to compare "
                      "(more --starts or --steps)")
-    trig, mem = a["triggers"], a["groups"].get("memorized prompts", [])
-    if any(v is not None for v in trig) and mem:
-        higher = sum(t is not None and p is not None and t > p for t, p in zip(trig, mem, strict=True))
+    trig, prompts = a["triggers"], a["groups"].get("memorized prompts", [])
+    pairs = [(t, p) for t, p in zip(trig, prompts, strict=True) if t is not None and p is not None]
+    if pairs:
         lines.append(f"2. activations ({a['layer_group']}, layers 1-{len(trig)}, mean pairwise L2): triggers of "
-                     f"one image {nums(trig, '.1f')}; memorized prompts {nums(mem, '.1f')}; the triggers' higher "
-                     f"in {higher} of {len(trig)} layers (their random starts: {nums(a['starts'], '.1f')})")
+                     f"one image {nums(trig, '.1f')}; memorized prompts {nums(prompts, '.1f')}; the triggers' higher "
+                     f"in {sum(t > p for t, p in pairs)} of {len(pairs)} layers (their random starts: "
+                     f"{nums(a['starts'], '.1f')})")
     for name, w in res["weights"].items():
         lines.append(f"3. weights, {name} from each trigger (IoU per layer): between triggers of one image "
-                     f"{nums(w['pairwise'])}; with the original prompt's {nums(w['to_prompt'])}; the original "
-                     f"prompts' of different images {nums(w['between_prompts'])}")
+                     f"{nums(w['pairwise'])}; of different images {nums(w['across_images'])}; with the original "
+                     f"prompt's {nums(w['to_prompt'])}; the original prompts' of different images "
+                     f"{nums(w['between_prompts'])}")
     return lines

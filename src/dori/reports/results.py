@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from dori.errors import DoriError
+
 SCHEMA_VERSION = 3
 
 
@@ -39,6 +41,18 @@ def cache_dir() -> Path:
     pixel-ssim distractor scores): ``$DORI_CACHE``, default ``~/.cache/dori``. Every entry is keyed by
     what it was computed from; deleting the folder only costs the time to compute them again."""
     return Path(os.environ.get("DORI_CACHE") or Path.home() / ".cache" / "dori")
+
+
+def make_out_dir(out: Path, what: str = "") -> None:
+    """Make ``out`` (``what`` names it in the errors, e.g. "the run directory "): one clear error when it cannot
+    be made, or exists and cannot be read and written (someone else's folder, a read-only mount)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoriError(f"cannot make {what}{out}: {e.strerror} ({e.filename}); give --out a folder you can "
+                        "write") from None
+    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise DoriError(f"cannot read and write in {what}{out}: give --out a folder you can write")
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
