@@ -416,7 +416,7 @@ def plot_locality(res: dict, path: Path, save) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     s = res["spread"]
     bars = {"triggers of one image": s["mean"]["triggers"], "their random starts": s["mean"]["starts"],
             **{k: v for k, v in s["references"].items()}}
@@ -435,7 +435,8 @@ def plot_locality(res: dict, path: Path, save) -> None:
     axes[1].set_xlabel(f"layer of the group {a['layer_group']!r}")
     axes[1].set_ylabel("mean pairwise L2 of activations")
     axes[1].set_title("2. activations", fontsize=9)
-    axes[1].legend(fontsize=7)
+    below = dict(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    axes[1].legend(**below)
     for i, (name, w) in enumerate(res["weights"].items()):
         if w["pairwise"]:
             axes[2].plot(range(1, len(w["layers"]) + 1), [float("nan") if v is None else v for v in w["pairwise"]],
@@ -449,7 +450,7 @@ def plot_locality(res: dict, path: Path, save) -> None:
     axes[2].set_ylabel("mean pairwise IoU of pruned sets")
     axes[2].set_title("3. weights", fontsize=9)
     if res["weights"]:
-        axes[2].legend(fontsize=7)
+        axes[2].legend(**below)
     fig.tight_layout()
     save(fig, path)
 
