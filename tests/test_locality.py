@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,37 +107,70 @@ def _numbers(res):
 
 def test_run_locality_finds_triggers_not_control_and_resumes(tmp_path, monkeypatch):
     """From random starts DoRI brings back memorized images, not the control's photos; a run started again
-    redoes nothing, and one killed midway (a trigger file and a mask missing) ends with the same numbers."""
+    redoes nothing, one killed midway redoes only what is missing, and one killed between a trigger's tensors
+    and its record (other settings) leaves no record that vouches for the wrong tensors."""
+    import copy
+
+    import dori.reports.results as results
     from dori.attacks.dori import DoRI
     from dori.mitigations.wanda import Wanda
+    from dori.reports.images import slug
 
+    astronaut = "portrait of an astronaut in a white spacesuit before the american flag"
     res = _run(tmp_path)
     found = res["found"]
-    assert found["memorized"]["starts"] == 6 and found["memorized"]["replicate"] >= 3
+    assert found["memorized"]["starts"] == 6 and res["kept"][astronaut] >= 2
     assert found["memorized"]["replicate_at_start"] == 0  # random embeddings alone do not replicate
     assert found["control"]["images"] == 2 and found["control"]["replicate"] == 0
     on_disk = json.loads((tmp_path / "locality.json").read_text())
     assert _numbers(on_disk) == json.loads(json.dumps(_numbers(res)))
     assert (tmp_path / "plots" / "locality.png").is_file()
-    assert res["weights"]["wanda"]["pairwise"] and all(0 <= v <= 1 for v in res["weights"]["wanda"]["to_prompt"])
+    wanda = res["weights"]["wanda"]
+    assert all(v is not None and 0 <= v <= 1 for v in wanda["pairwise"] + wanda["to_prompt"])
+    two_images = sum(k > 0 for k in res["kept"].values()) == 2
+    assert all(v is not None for v in wanda["across_images"]) == two_images  # None: no pair of images to compare
     lines = summary_lines(res)
     assert len(lines) == 4 and "0 of 6 on 2 non-memorized images" in lines[0]
-    # at 10 steps the cat has no trigger that replicates at both seeds: no pair of images to compare
-    assert res["kept"] == {"portrait of an astronaut in a white spacesuit before the american flag": 3,
-                           "chelsea the orange tabby cat looking up": 0}
-    assert res["weights"]["wanda"]["across_images"] == [None] * len(res["weights"]["wanda"]["layers"])
+    forced = copy.deepcopy(res)
+    forced["found"]["control"]["replicate"] = 2
+    assert "warning: DoRI from random starts forced 2 triggers of non-memorized images" in summary_lines(forced)[1]
 
-    def redone(*a, **k):
-        raise AssertionError("a finished run attacked or pruned again")
+    calls = {"attack": 0, "localize": 0}
+
+    def counted(name, real):
+        def call(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+
+        return call
 
     with monkeypatch.context() as m:
-        m.setattr(DoRI, "attack", redone)
-        m.setattr(Wanda, "localize", redone)
+        m.setattr(DoRI, "attack", counted("attack", DoRI.attack))
+        m.setattr(Wanda, "localize", counted("localize", Wanda.localize))
         assert _numbers(_run(tmp_path)) == _numbers(on_disk)
-    first = sorted((tmp_path / "triggers").glob("*.json"))[0]
-    first.unlink()  # killed before this image's triggers were marked complete
-    next(iter((tmp_path / "masks" / "wanda").glob("*/start*.json"))).unlink()
-    assert _numbers(_run(tmp_path)) == _numbers(on_disk)
+        assert calls == {"attack": 0, "localize": 0}  # finished: nothing redone
+        # killed midway: the astronaut's trigger record and the record of one of its masks are missing
+        (tmp_path / "triggers" / f"{slug(astronaut)}.json").unlink()
+        next(iter((tmp_path / "masks" / "wanda" / slug(astronaut)).glob("start*.json"))).unlink()
+        assert _numbers(_run(tmp_path)) == _numbers(on_disk)
+        # its attack again (the same triggers: its other masks are reused), and that one mask
+        assert calls == {"attack": 1, "localize": 1}
+
+    class Killed(Exception):
+        pass
+
+    real_write = results.write_json
+
+    def killed_at_a_trigger_record(path, obj):
+        if "triggers" in Path(path).parts:
+            raise Killed
+        real_write(path, obj)
+
+    with monkeypatch.context() as m:  # another attack seed, killed after its first trigger's tensors
+        m.setattr(results, "write_json", killed_at_a_trigger_record)
+        with pytest.raises(Killed):
+            _run(tmp_path, seed=1)
+    assert _numbers(_run(tmp_path)) == _numbers(on_disk)  # the seed-0 record did not vouch for seed 1's tensors
     other = _run(tmp_path, seed=1)  # another attack seed: new triggers, not the saved ones
     assert other["triggers"] != on_disk["triggers"]
 

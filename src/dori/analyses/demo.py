@@ -19,7 +19,7 @@ from dori.errors import DoriError
 from dori.metrics.replication import summarize
 from dori.mitigations.finetuned import FineTunedUNet
 from dori.mitigations.masks import SavedMasks, mask_files
-from dori.models.layers import resolve_layers
+from dori.models.layers import check_layer_group, resolve_layers
 from dori.models.loading import check_device, load_pipeline, model_id
 from dori.reports.html import render_report
 from dori.reports.results import SCHEMA_VERSION, ItemStore, make_out_dir, manifest, write_json
@@ -121,6 +121,12 @@ def check_method_params(method_params: dict[str, dict], stages: Sequence[str] | 
         if unknown:
             raise DoriError(f"{name} has no parameter {sorted(unknown)}; its parameters: {', '.join(sorted(known))}")
         check_types(params, type_hints(cls.__init__), "method parameters", f"{name}.")
+        if "layer_group" in params:
+            check_layer_group(params["layer_group"])
+        try:  # the values (e.g. a sparsity above 1), before any model loads
+            cls(**params)
+        except (TypeError, ValueError) as e:
+            raise DoriError(f"{name}: bad parameter value in {params}: {e}") from None
 
 
 def make_method(name: str, pipe, stats_prompts: str | None, overrides: dict | None = None):

@@ -165,7 +165,8 @@ def mask_agreement(trigger_masks: Sequence, prompt_mask, names: Sequence[str]) -
 def across_images(trigger_masks: Mapping[str, Sequence], names: Sequence[str]) -> list[float | None]:
     """Per layer, the IoU of two triggers' sets averaged over all pairs of triggers of *different* images
     (``trigger_masks``: image -> its triggers' masks): what any two sets share, the baseline for
-    :func:`mask_agreement`'s ``pairwise``. None where no two images have a mask."""
+    :func:`mask_agreement`'s ``pairwise`` (which averages per image first: here each pair counts once, so an
+    image with more kept triggers weighs more). None where no two images have a mask."""
     images = list(trigger_masks)
     rows = [_layer_iou(a, b, names) for i, c in enumerate(images) for d in images[i + 1:]
             for a in trigger_masks[c] for b in trigger_masks[d]]
@@ -242,8 +243,7 @@ def _localized(pipe, method, label: str, embeds: torch.Tensor, path: Path, key: 
     res = method.localize(pipe, label, embeds=embeds)
     mask = res.mask if hasattr(res, "mask") else res
     mask.meta["locality_key"] = key
-    js.unlink(missing_ok=True)  # an older mask's record must never vouch for the new indices
-    mask.save(path)  # the JSON last
+    mask.save(path)  # the JSON last, an older one removed first
     return mask
 
 
@@ -261,7 +261,7 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     held-out, N) attacked the same way, whose triggers must not replicate (None: all; 0: none). Writes ``out``
     (module docstring); returns locality.json's dict.
     """
-    from dori.analyses.bypass import control_records, target_images
+    from dori.analyses.bypass import control_records
     from dori.analyses.demo import _save_fig, check_method_params, check_metric, make_attack, make_method, make_metric
     from dori.analyses.mitigate import attack_targets, localize_masks, require_unique_captions
     from dori.analyses.runfile import absolute_path
@@ -344,9 +344,8 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     found, forced = {}, {}
     for rec in tqdm(targets + controls, desc="DoRI from random starts"):
         path = out / ("triggers" if rec.memorized else "control") / f"{slug(rec.caption)}.safetensors"
-        target = target_images(pipe, [load_reference(rec)])
         got = find_triggers(pipe, dori, rec, score_metric, seeds, path,
-                            {**key, "caption": rec.caption, "target": tensor_digest(target),
+                            {**key, "caption": rec.caption, "reference": tensor_digest(load_reference(rec)),
                              "attack_seed": image_seed(seed, rec.caption)})
         (found if rec.memorized else forced)[rec.caption] = got
     kept = {c: torch.tensor(f["replicated"], dtype=torch.bool) for c, f in found.items()}
@@ -404,6 +403,7 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
               "spread": spread, "activations": div, "weights": agreement,
               "reference_counts": {k: int(v.shape[0]) for k, v in references.items()},
               "plot": "plots/locality.png"}
+    (out / "plots" / "locality.png").unlink(missing_ok=True)  # locality.json never points at an older run's plot
     write_json(out / "locality.json", result)
     plot_locality(result, out / "plots" / "locality.png", _save_fig)
     return result

@@ -80,9 +80,11 @@ class Mask:
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> Path:
-        """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (kind, layers, metadata)."""
+        """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (kind, layers, metadata), the JSON last: a
+        save killed midway leaves no JSON, so no saved mask is read back half-written."""
         base, js, st = mask_files(path)
         tensors = {f"layer{i}": v for i, v in enumerate(self.layers.values())}
+        js.unlink(missing_ok=True)  # a replaced mask's record must never vouch for the new indices
         write_safetensors(st, tensors)
         info = {"kind": self.kind, "layers": list(self.layers), "meta": self.meta, "counts": self.counts()}
         write_atomic(js, json.dumps(info, indent=2, default=str))
