@@ -151,14 +151,12 @@ def mask_agreement(trigger_masks: Sequence, prompt_mask, names: Sequence[str]) -
     pairs = [_layer_iou(a, b, names) for i, a in enumerate(trigger_masks) for b in trigger_masks[i + 1:]]
     to_prompt = [_layer_iou(m, prompt_mask, names) for m in trigger_masks]
 
-    def per_layer(rows):
-        return [sum(col) / len(col) for col in zip(*rows, strict=True)] if rows else [None] * len(names)
-
     def sizes(m):
         return [m.counts().get(n, 0) for n in names]
 
-    return {"pairwise": per_layer(pairs), "to_prompt": per_layer(to_prompt), "pairs": len(pairs),
-            "trigger_size": per_layer([sizes(m) for m in trigger_masks]), "prompt_size": sizes(prompt_mask),
+    n = len(names)
+    return {"pairwise": _by_layer(pairs, n), "to_prompt": _by_layer(to_prompt, n), "pairs": len(pairs),
+            "trigger_size": _by_layer([sizes(m) for m in trigger_masks], n), "prompt_size": sizes(prompt_mask),
             "empty": sum(len(m) == 0 for m in trigger_masks), "masks": len(trigger_masks)}
 
 
