@@ -75,6 +75,10 @@ def test_localize_from_the_prompts_own_embedding_gives_the_prompts_mask(tiny_pip
     assert wanda.localize(tiny_pipe, "a label", embeds=emb).digest() == wanda.localize(tiny_pipe, cap).digest()
     nemo = make_method("nemo", tiny_pipe, None, {"n_seeds": 3})
     assert nemo.localize(tiny_pipe, "a label", embeds=emb).mask.digest() == nemo.localize(tiny_pipe, cap).mask.digest()
+    # and the embedding is what is searched from, not the label: another caption's embedding, another result
+    other = encode_prompts(tiny_pipe, ["a red circle on a blue background"])
+    assert wanda.localize(tiny_pipe, cap, embeds=other).digest() != wanda.localize(tiny_pipe, cap).digest()
+    assert nemo.localize(tiny_pipe, cap, embeds=other).memorized is False  # a procedural caption: nothing to find
     with pytest.raises(DoriError, match="one embedding"):
         wanda.localize(tiny_pipe, "two", embeds=emb.expand(2, -1, -1))
 

@@ -192,12 +192,12 @@ def image_seed(seed: int, caption: str) -> int:
     return int(hashlib.sha1(f"{seed}:{caption}".encode()).hexdigest()[:8], 16)
 
 
-def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], path: Path, key: dict) -> dict:
-    """DoRI from random starts for one image (``attack``: a DoRI with ``init="random"``, run with attack seed
-    ``key["attack_seed"]``); the triggers, their starts and scores, read from ``path`` when a run with the same
-    ``key`` wrote them."""
+def find_triggers(pipe, attack, rec, reference: torch.Tensor, metric, seeds: Sequence[int], path: Path,
+                  key: dict) -> dict:
+    """DoRI from random starts for one image (``rec``, its ``reference`` image; ``attack``: a DoRI with
+    ``init="random"``, run with attack seed ``key["attack_seed"]``); the triggers, their starts and scores, read
+    from ``path`` when a run with the same ``key`` wrote them."""
     from dori.analyses.bypass import target_images
-    from dori.data.prompts import load_reference
     from dori.reports.results import write_json, write_safetensors
 
     meta_path = path.with_suffix(".json")
@@ -206,7 +206,6 @@ def find_triggers(pipe, attack, rec, metric, seeds: Sequence[int], path: Path, k
         if meta.get("key") == json.loads(json.dumps(key)):
             t = load_file(str(path))
             return {"trigger": t["trigger"], "init": t["init"], **meta}
-    reference = load_reference(rec)
     res = attack.attack(pipe, target_images(pipe, [reference]), seed=key["attack_seed"])
     scores, threshold = _score(pipe, metric, res.trigger, reference, seeds)
     at_start, _ = _score(pipe, metric, res.init, reference, seeds)  # the random starts themselves: a baseline
@@ -260,7 +259,7 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     (module docstring); returns locality.json's dict.
     """
     from dori.analyses.bypass import control_records
-    from dori.analyses.demo import _save_fig, check_method_params, check_metric, make_attack, make_method, make_metric
+    from dori.analyses.demo import check_method_params, check_metric, make_attack, make_method, make_metric
     from dori.analyses.mitigate import attack_targets, localize_masks, require_unique_captions
     from dori.analyses.runfile import absolute_path
     from dori.attacks.dori import DoRI
@@ -342,8 +341,9 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
     found, forced = {}, {}
     for rec in tqdm(targets + controls, desc="DoRI from random starts"):
         path = out / ("triggers" if rec.memorized else "control") / f"{slug(rec.caption)}.safetensors"
-        got = find_triggers(pipe, dori, rec, score_metric, seeds, path,
-                            {**key, "caption": rec.caption, "reference": tensor_digest(load_reference(rec)),
+        reference = load_reference(rec)
+        got = find_triggers(pipe, dori, rec, reference, score_metric, seeds, path,
+                            {**key, "caption": rec.caption, "reference": tensor_digest(reference),
                              "attack_seed": image_seed(seed, rec.caption)})
         (found if rec.memorized else forced)[rec.caption] = got
     kept = {c: torch.tensor(f["replicated"], dtype=torch.bool) for c, f in found.items()}
@@ -403,13 +403,15 @@ def run_locality(out: str | Path, model: str = "tiny", prompt_set: str = "tiny",
               "plot": "plots/locality.png"}
     (out / "plots" / "locality.png").unlink(missing_ok=True)  # locality.json never points at an older run's plot
     write_json(out / "locality.json", result)
-    plot_locality(result, out / "plots" / "locality.png", _save_fig)
+    plot_locality(result, out / "plots" / "locality.png")
     return result
 
 
-def plot_locality(res: dict, path: Path, save) -> None:
+def plot_locality(res: dict, path: Path) -> None:
     """Three panels: embedding distances, activation divergence per layer, IoU of pruned sets per layer."""
     import matplotlib
+
+    from dori.analyses.demo import _save_fig
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -417,7 +419,7 @@ def plot_locality(res: dict, path: Path, save) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     s = res["spread"]
     bars = {"triggers of one image": s["mean"]["triggers"], "their random starts": s["mean"]["starts"],
-            **{k: v for k, v in s["references"].items()}}
+            **s["references"]}
     bars = {k: v for k, v in bars.items() if v is not None}
     axes[0].bar(range(len(bars)), list(bars.values()), color=["C3", "C7", "C0", "C1"][: len(bars)])
     axes[0].set_xticks(range(len(bars)), list(bars), rotation=20, ha="right", fontsize=7)
@@ -450,7 +452,7 @@ def plot_locality(res: dict, path: Path, save) -> None:
     if res["weights"]:
         axes[2].legend(**below)
     fig.tight_layout()
-    save(fig, path)
+    _save_fig(fig, path)
 
 
 def summary_lines(res: dict) -> list[str]:
